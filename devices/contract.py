@@ -96,8 +96,18 @@ class Sample(BaseModel):
     values: dict[Identifier, Reading] = Field(
         min_length=1,
         max_length=DEFAULT_LIMITS.max_values_per_sample,
-        description="Sensor name -> finite number (JSON number; booleans and strings are rejected).",
+        description=(
+            "Sensor name -> finite number (JSON number; booleans and strings are rejected)."
+        ),
+        json_schema_extra={"additionalProperties": False},
     )
+
+    @field_validator("ts", mode="before")
+    @classmethod
+    def _ts_in_64_bits(cls, value: object) -> object:
+        if isinstance(value, int | float) and not isinstance(value, bool) and abs(value) > MAX_SEQ:
+            raise ValueError("timestamp does not fit in 64 bits (expected epoch milliseconds)")
+        return value
 
     @field_validator("ts")
     @classmethod
@@ -207,5 +217,7 @@ def parse_topic(prefix: str, topic: str) -> TopicParts:
         raise TopicError(f"unknown topic kind {kind[:64]!r}, expected 'telemetry' or 'status'")
     for name, value in (("site", site), ("line", line), ("device", device)):
         if not IDENTIFIER_RE.match(value):
-            raise TopicError(f"invalid {name} identifier {value[:80]!r} (must match [A-Za-z0-9_.-]{{1,64}})")
+            raise TopicError(
+                f"invalid {name} identifier {value[:80]!r} (must match [A-Za-z0-9_.-]{{1,64}})"
+            )
     return TopicParts(site, line, device, kind)

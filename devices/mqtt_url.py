@@ -8,6 +8,7 @@ from typing import Literal
 from urllib.parse import unquote, urlsplit
 
 import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
 
 DEFAULT_PORTS = {"mqtt": 1883, "tcp": 1883, "mqtts": 8883, "ssl": 8883}
 
@@ -27,11 +28,15 @@ class MqttUrl:
 
 
 def parse_mqtt_url(url: str) -> MqttUrl:
-    """Parse ``mqtt://[user[:pass]@]host[:port]`` or ``mqtts://…``; raise ValueError with a reason."""
+    """Parse ``mqtt://[user[:pass]@]host[:port]`` or ``mqtts://…``.
+
+    Raises ValueError with a reason."""
     parts = urlsplit(url)
     scheme = parts.scheme.lower()
     if scheme not in DEFAULT_PORTS:
-        raise ValueError(f"MQTT URL must start with mqtt:// or mqtts://, got {url.split('://')[0]!r}")
+        raise ValueError(
+            f"MQTT URL must start with mqtt:// or mqtts://, got {url.split('://', maxsplit=1)[0]!r}"
+        )
     if not parts.hostname:
         raise ValueError("MQTT URL has no host")
     try:
@@ -68,7 +73,7 @@ def make_client(
     """
     v5 = protocol == "5"
     client = mqtt.Client(
-        callback_api_version=mqtt.CallbackAPIVersion.VERSION2,
+        callback_api_version=CallbackAPIVersion.VERSION2,
         client_id=client_id,
         protocol=mqtt.MQTTv5 if v5 else mqtt.MQTTv311,
         clean_session=None if v5 else clean,

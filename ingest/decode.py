@@ -1,0 +1,308 @@
+"""Payload decoding and validation: raw MQTT messages in, flat arrays and rejections out.
+
+A message is validated whole first (fast path: one pydantic call); only when
+that fails is it taken apart sample by sample, so that the valid samples of a
+message are kept and each invalid one is rejected with its own reason.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import orjson
+from pydantic import ValidationError
+
+from devices.contract import (
+    STATUS_SUFFIX,
+    Batch,
+    Limits,
+    Sample,
+    Status,
+    TopicError,
+    TopicParts,
+    parse_topic,
+)
+from ingest.processing.detectors import StreamLimitError, StreamRegistry
+
+
+@dataclass(frozen=True, slots=True)
+class Rejection:
+    """Something that was not ingested, and why."""
+
+    topic: str
+    code: str  # short, bounded set: used as a metric label
+    reason: str  # human-readable detail
+    payload: bytes
+    sample_index: int | None = None
+
+
+@dataclass(slots=True)
+class StatusUpdate:
+    site: str
+    line: str
+    device: str
+    online: bool
+    ts_ms: int
+
+
+@dataclass(slots=True)
+class DecodedBatch:
+    """The valid readings of a batch of messages, flattened in arrival order."""
+
+    rows: list[int] = field(default_factory=list)
+    ts: list[int] = field(default_factory=list)
+    values: list[float] = field(default_factory=list)
+    seq: list[int] = field(default_factory=list)  # -1: none given
+    rx_time: list[bool] = field(default_factory=list)  # ts was missing: receive time used
+    rejections: list[Rejection] = field(default_factory=list)
+    statuses: list[StatusUpdate] = field(default_factory=list)
+    samples: int = 0
+
+    def arrays(
+        self,
+    ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64], npt.NDArray[np.float64]]:
+        return (
+            np.fromiter(self.rows, dtype=np.int64, count=len(self.rows)),
+            np.fromiter(self.ts, dtype=np.int64, count=len(self.ts)),
+            np.fromiter(self.values, dtype=np.float64, count=len(self.values)),
+        )
+
+
+def _first_error(exc: ValidationError) -> str:
+    err = exc.errors(include_url=False)[0]
+    loc = ".".join(str(p) for p in err["loc"])
+    msg = str(err["msg"]).removeprefix("Value error, ")
+    got = err.get("input")
+    shown = ""
+    if err["type"] not in ("missing", "extra_forbidden") and not isinstance(got, dict | list):
+        shown = f" (got {type(got).__name__} {str(got)[:40]!r})"
+    more = f"; +{exc.error_count() - 1} more" if exc.error_count() > 1 else ""
+    return f"{loc}: {msg}{shown}{more}" if loc else f"{msg}{shown}{more}"
+
+
+def parse_json(payload: bytes) -> Any:
+    """orjson first; the standard library for what orjson refuses but we want to judge
+    sample by sample (integers beyond 64 bits, NaN literals). Raises ValueError."""
+    try:
+        return orjson.loads(payload)
+    except orjson.JSONDecodeError:
+        pass
+    try:
+        text = payload.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"payload is not UTF-8 (byte {exc.start})") from None
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise ValueError("invalid JSON: nested too deeply") from None
+    except json.JSONDecodeError as exc:
+        raise ValueError(
+            f"invalid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}"
+        ) from None
+
+
+class Decoder:
+    """Turns messages into readings for the detectors, keeping a stream registry."""
+
+    def __init__(self, prefix: str, limits: Limits, registry: StreamRegistry) -> None:
+        self.prefix = prefix
+        self.limits = limits
+        self.registry = registry
+        self._topics: dict[str, TopicParts | str] = {}
+        # (site, line, device) -> {sensor: row}, to skip building tuples per reading.
+        self._rows: dict[tuple[str, str, str], dict[str, int]] = {}
+
+    def _topic(self, topic: str) -> TopicParts | str:
+        parts = self._topics.get(topic)
+        if parts is None:
+            try:
+                parts = parse_topic(self.prefix, topic)
+            except TopicError as exc:
+                parts = str(exc)
+            if len(self._topics) < 200_000:
+                self._topics[topic] = parts
+        return parts
+
+    def decode(self, messages: list[tuple[str, bytes, float]], out: DecodedBatch) -> None:
+        """Decode ``(topic, payload, receive time in s)`` messages into ``out``."""
+        for topic, payload, received in messages:
+            self.decode_one(topic, payload, received, out)
+
+    def decode_one(self, topic: str, payload: bytes, received: float, out: DecodedBatch) -> None:
+        parts = self._topic(topic)
+        if isinstance(parts, str):
+            out.rejections.append(Rejection(topic, "invalid_topic", parts, payload))
+            return
+        if len(payload) > self.limits.max_payload_bytes:
+            out.rejections.append(Rejection(
+                topic, "payload_too_large",
+                f"payload of {len(payload)} bytes exceeds the limit of "
+                f"{self.limits.max_payload_bytes} bytes", payload))  # fmt: skip
+            return
+        try:
+            obj = parse_json(payload)
+        except ValueError as exc:
+            code = "not_utf8" if "UTF-8" in str(exc) else "invalid_json"
+            out.rejections.append(Rejection(topic, code, str(exc), payload))
+            return
+        if not isinstance(obj, dict):
+            out.rejections.append(Rejection(
+                topic, "not_object", f"payload must be a JSON object, got {type(obj).__name__}",
+                payload))  # fmt: skip
+            return
+        if parts.kind == STATUS_SUFFIX:
+            self._status(parts, topic, payload, obj, received, out)
+            return
+        samples = self._samples(topic, payload, obj, out)
+        if not samples:
+            return
+        self._flatten(parts, topic, payload, samples, received, out)
+
+    def _status(
+        self,
+        parts: TopicParts,
+        topic: str,
+        payload: bytes,
+        obj: dict[str, Any],
+        received: float,
+        out: DecodedBatch,
+    ) -> None:
+        try:
+            status = Status.model_validate(obj)
+        except ValidationError as exc:
+            out.rejections.append(Rejection(topic, "schema", _first_error(exc), payload))
+            return
+        ts = status.ts if status.ts is not None else int(received * 1000)
+        out.statuses.append(
+            StatusUpdate(parts.site, parts.line, parts.device, status.state == "online", ts)
+        )
+
+    def _samples(
+        self, topic: str, payload: bytes, obj: dict[str, Any], out: DecodedBatch
+    ) -> list[tuple[int, Sample]]:
+        """Validated samples with their index in the message (None-free)."""
+        if "samples" not in obj:
+            try:
+                return [(0, Sample.model_validate(obj))]
+            except ValidationError as exc:
+                out.rejections.append(Rejection(topic, "schema", _first_error(exc), payload, 0))
+                return []
+        raw = obj["samples"]
+        if not isinstance(raw, list):
+            out.rejections.append(
+                Rejection(topic, "schema", "samples: must be a JSON array", payload)
+            )
+            return []
+        if len(raw) > self.limits.max_samples_per_message:
+            out.rejections.append(Rejection(
+                topic, "too_many_samples",
+                f"{len(raw)} samples in one message exceeds the limit of "
+                f"{self.limits.max_samples_per_message}", payload))  # fmt: skip
+            return []
+        try:
+            batch = Batch.model_validate(obj)
+            return list(enumerate(batch.samples))
+        except ValidationError as exc:
+            whole = exc
+        extra = set(obj) - {"samples"}
+        if extra or not raw:
+            out.rejections.append(Rejection(topic, "schema", _first_error(whole), payload))
+            return []
+        good: list[tuple[int, Sample]] = []
+        for index, item in enumerate(raw):
+            try:
+                good.append((index, Sample.model_validate(item)))
+            except ValidationError as exc:
+                out.rejections.append(
+                    Rejection(
+                        topic, "schema", f"samples.{index}.{_first_error(exc)}", payload, index
+                    )
+                )
+        return good
+
+    def _flatten(
+        self,
+        parts: TopicParts,
+        topic: str,
+        payload: bytes,
+        samples: list[tuple[int, Sample]],
+        received: float,
+        out: DecodedBatch,
+    ) -> None:
+        limits = self.limits
+        now_ms = int(time.time() * 1000)
+        latest = now_ms + limits.max_future_ms
+        device = (parts.site, parts.line, parts.device)
+        sensor_rows = self._rows.get(device)
+        if sensor_rows is None:
+            sensor_rows = self._rows[device] = {}
+        single = len(samples) == 1
+        for index, sample in samples:
+            ts = sample.ts_ms
+            rx = ts is None
+            if ts is None:
+                if not single:
+                    out.rejections.append(Rejection(
+                        topic, "ts_missing",
+                        f"samples.{index}.ts: required when a message has several samples",
+                        payload, index))  # fmt: skip
+                    continue
+                ts = int(received * 1000)
+            elif ts < limits.min_ts_ms or ts > latest:
+                out.rejections.append(
+                    Rejection(
+                        topic,
+                        "ts_out_of_range",
+                        _ts_reason(index, ts, limits, now_ms),
+                        payload,
+                        index,
+                    )
+                )
+                continue
+            if len(sample.values) > limits.max_values_per_sample:
+                out.rejections.append(Rejection(
+                    topic, "too_many_values",
+                    f"samples.{index}.values: {len(sample.values)} values exceeds the limit of "
+                    f"{limits.max_values_per_sample}", payload, index))  # fmt: skip
+                continue
+            seq = -1 if sample.seq is None else sample.seq
+            try:
+                rows = [sensor_rows.get(sensor) for sensor in sample.values]
+                if None in rows:
+                    rows = [self._new_row(sensor_rows, device, s) for s in sample.values]
+            except StreamLimitError as exc:
+                out.rejections.append(Rejection(topic, "stream_limit", str(exc), payload, index))
+                continue
+            n = len(rows)
+            out.rows.extend(rows)  # type: ignore[arg-type]
+            out.values.extend(sample.values.values())
+            out.ts.extend([ts] * n)
+            out.seq.extend([seq] * n)
+            out.rx_time.extend([rx] * n)
+            out.samples += 1
+
+    def _new_row(
+        self, sensor_rows: dict[str, int], device: tuple[str, str, str], sensor: str
+    ) -> int:
+        row = sensor_rows.get(sensor)
+        if row is None:
+            row = sensor_rows[sensor] = self.registry.row((*device, sensor))
+        return row
+
+
+def _ts_reason(index: int, ts: int, limits: Limits, now_ms: int) -> str:
+    where = f"samples.{index}.ts"
+    if ts < limits.min_ts_ms:
+        hint = " (looks like seconds, expected milliseconds)" if 0 < ts < 10**10 else ""
+        return f"{where}: {ts} is before the earliest accepted time {limits.min_ts_ms}{hint}"
+    hint = (" (looks like micro- or nanoseconds, expected milliseconds)"
+            if ts > 10**14 else "")  # fmt: skip
+    return (
+        f"{where}: {ts} is more than {limits.max_future_ms} ms ahead of the ingest clock "
+        f"({now_ms}){hint}"
+    )

@@ -1,0 +1,194 @@
+"""MQTT source: subscription, reconnects, and acknowledgement after the write.
+
+paho-mqtt's network loop runs in its own thread and only appends received
+messages to a queue; the service's processing thread takes them in batches and
+acknowledges them (``manual_ack``) once their samples are stored. The number of
+unacknowledged messages, and so the memory held here, is bounded by the
+broker's in-flight window: the MQTT v5 Receive Maximum we ask for
+(``mqtt.max_inflight``), or the broker's setting with MQTT 3.1.1.
+
+A message received on an earlier connection is never acknowledged on a later
+one (packet ids are per connection): the broker redelivers it instead, and
+the device timestamp makes the rewrite idempotent.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Any
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
+from paho.mqtt.subscribeoptions import SubscribeOptions
+
+from devices.contract import REJECTED_SEGMENT
+from devices.mqtt_url import make_client, parse_mqtt_url
+from ingest.config import MqttSettings
+from ingest.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+#: CONNACK reasons that retrying cannot fix: the configuration is wrong.
+FATAL_CONNACK = {
+    "Bad user name or password",
+    "Not authorized",
+    "Client identifier not valid",
+    "Unsupported protocol version",
+    "Bad username or password",
+    "Banned",
+}
+
+
+@dataclass(slots=True)
+class Received:
+    topic: str
+    payload: bytes
+    received: float  # epoch seconds
+    mid: int
+    qos: int
+    generation: int  # connection it arrived on
+
+
+class MqttSource:
+    def __init__(self, settings: MqttSettings, metrics: Metrics) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self.url = parse_mqtt_url(settings.url)
+        self.subscription = f"{settings.topic_prefix}/#"
+        self._rejected_prefix = f"{settings.topic_prefix}/{REJECTED_SEGMENT}/"
+        self._queue: deque[Received] = deque()
+        self._cond = threading.Condition()
+        self._connected = threading.Event()
+        self.generation = 0
+        self.fatal: str | None = None
+        self.last_message_at = 0.0
+        self.client = make_client(
+            self.url, settings.client_id, protocol=settings.protocol, clean=False,
+            ca_file=settings.ca_file, cert_file=settings.cert_file, key_file=settings.key_file,
+            insecure_tls=settings.tls_insecure, manual_ack=True,
+        )  # fmt: skip
+        self.client.on_connect = self._on_connect
+        self.client.on_disconnect = self._on_disconnect
+        self.client.on_message = self._on_message
+        self.client.reconnect_delay_set(
+            max(1, int(settings.reconnect_min_delay)), max(1, int(settings.reconnect_max_delay))
+        )
+
+    # -- paho callbacks (network thread) -------------------------------------------------
+
+    def _on_connect(
+        self,
+        client: mqtt.Client,
+        userdata: Any,
+        flags: mqtt.ConnectFlags,
+        reason: ReasonCode,
+        properties: Properties | None,
+    ) -> None:
+        if reason.is_failure:
+            text = str(reason)
+            log.error("MQTT broker %s refused the connection: %s", self.url.redacted(), text)
+            if text in FATAL_CONNACK and self.generation == 0:
+                self.fatal = f"MQTT broker {self.url.redacted()} refused the connection: {text}"
+                with self._cond:
+                    self._cond.notify_all()
+            return
+        self.generation += 1
+        self.metrics.inc("reconnects")
+        if self.settings.protocol == "5":
+            options = SubscribeOptions(qos=1, noLocal=True)
+            client.subscribe(self.subscription, options=options)
+        else:
+            client.subscribe(self.subscription, qos=1)
+        log.info(
+            "connected to %s (session present: %s), subscribed to %s",
+            self.url.redacted(),
+            flags.session_present,
+            self.subscription,
+        )
+        self.metrics.set("mqtt_connected", 1.0)
+        self._connected.set()
+
+    def _on_disconnect(
+        self,
+        client: mqtt.Client,
+        userdata: Any,
+        flags: mqtt.DisconnectFlags,
+        reason: ReasonCode,
+        properties: Properties | None,
+    ) -> None:
+        self._connected.clear()
+        self.metrics.set("mqtt_connected", 0.0)
+        log.warning("disconnected from %s: %s; reconnecting", self.url.redacted(), reason)
+
+    def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        if msg.topic.startswith(self._rejected_prefix):
+            # Our own dead letters (MQTT 3.1.1 has no "no local"): not telemetry.
+            if msg.qos:
+                client.ack(msg.mid, msg.qos)
+            return
+        now = time.time()
+        self.last_message_at = now
+        item = Received(msg.topic, bytes(msg.payload), now, msg.mid, msg.qos, self.generation)
+        with self._cond:
+            self._queue.append(item)
+            self._cond.notify()
+
+    # -- service side --------------------------------------------------------------------
+
+    def start(self) -> None:
+        s = self.settings
+        props = None
+        if s.protocol == "5":
+            props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+            props.SessionExpiryInterval = s.session_expiry
+            props.ReceiveMaximum = s.max_inflight
+        self.client.connect_async(
+            self.url.host, self.url.port, keepalive=s.keepalive, clean_start=False, properties=props
+        )
+        self.client.loop_start()
+
+    def wait_connected(self, timeout: float) -> bool:
+        return self._connected.wait(timeout)
+
+    @property
+    def connected(self) -> bool:
+        return self._connected.is_set()
+
+    def pending(self) -> int:
+        return len(self._queue)
+
+    def get_batch(self, max_messages: int, timeout: float) -> list[Received]:
+        """Up to ``max_messages`` received messages; waits up to ``timeout`` for the first."""
+        with self._cond:
+            if not self._queue and self.fatal is None:
+                self._cond.wait(timeout)
+            n = min(max_messages, len(self._queue))
+            batch = [self._queue.popleft() for _ in range(n)]
+        self.metrics.inc("messages_received", len(batch))
+        return batch
+
+    def ack(self, messages: list[Received]) -> int:
+        """Acknowledge, in arrival order, what arrived on the current connection."""
+        acked = 0
+        generation = self.generation
+        for m in messages:
+            if m.qos and m.generation == generation:
+                self.client.ack(m.mid, m.qos)
+                acked += 1
+        self.metrics.inc("messages_acked", acked)
+        return acked
+
+    def publish(self, topic: str, payload: bytes, qos: int = 1) -> mqtt.MQTTMessageInfo:
+        return self.client.publish(topic, payload, qos=qos)
+
+    def stop(self) -> None:
+        try:
+            self.client.disconnect()
+        finally:
+            self.client.loop_stop()

@@ -1,0 +1,88 @@
+"""InfluxDB line protocol for the points ingest writes.
+
+Schema (contract v1):
+
+* ``telemetry,device=D,line=L,sensor=S,site=X value=…,mean=…,std=…,z=…,score=…,``
+  ``anomaly=true|false[,seq=Ni][,rx_time=true] <ms>``
+* ``device_status,device=D,line=L,site=X online=true|false <ms>``
+
+Timestamps are the device's, in milliseconds, so a redelivered sample
+overwrites its own point instead of adding one. Tag values are validated
+identifiers; they are escaped all the same, so no input can change the
+structure of a line.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy.typing as npt
+
+TELEMETRY = "telemetry"
+DEVICE_STATUS = "device_status"
+
+_TAG_ESCAPES = str.maketrans({",": r"\,", "=": r"\=", " ": r"\ ", "\\": "\\\\"})
+
+
+def escape_tag(value: str) -> str:
+    """Escape a tag key or value; newlines cannot be escaped and are refused."""
+    if "\n" in value or "\r" in value:
+        raise ValueError("line protocol tags cannot contain newlines")
+    return value.translate(_TAG_ESCAPES)
+
+
+def series_key(measurement: str, tags: dict[str, str]) -> str:
+    """``measurement,k=v,...`` with tags sorted by key (InfluxDB's own order)."""
+    body = ",".join(f"{escape_tag(k)}={escape_tag(v)}" for k, v in sorted(tags.items()))
+    return f"{escape_tag(measurement)},{body}"
+
+
+def telemetry_series(site: str, line: str, device: str, sensor: str) -> str:
+    return series_key(TELEMETRY, {"site": site, "line": line, "device": device, "sensor": sensor})
+
+
+def format_float(x: float) -> str:
+    """Shortest round-trip repr; InfluxDB and VictoriaMetrics both parse exponents."""
+    return repr(float(x))
+
+
+def telemetry_lines(
+    series: Sequence[str],
+    rows: npt.NDArray[Any],
+    ts: npt.NDArray[Any],
+    values: npt.NDArray[Any],
+    mean: npt.NDArray[Any],
+    std: npt.NDArray[Any],
+    z: npt.NDArray[Any],
+    score: npt.NDArray[Any],
+    anomaly: npt.NDArray[Any],
+    seq: Sequence[int],
+    rx_time: Sequence[bool],
+) -> list[str]:
+    """One line per reading. Statistics that are not defined yet (a stream's
+    first sample) are left out rather than written as NaN, which InfluxDB refuses."""
+    out: list[str] = []
+    append = out.append
+    for i, (row, t, v, m, s, zz, sc, an) in enumerate(zip(
+        rows.tolist(), ts.tolist(), values.tolist(), mean.tolist(), std.tolist(),
+        z.tolist(), score.tolist(), anomaly.tolist(), strict=True,
+    )):  # fmt: skip
+        fields = f"value={v!r}"
+        if not math.isnan(m):
+            fields += f",mean={m!r},std={s!r}"
+        if not math.isnan(zz):
+            fields += f",z={zz!r},score={sc!r}"
+        fields += ",anomaly=true" if an else ",anomaly=false"
+        if seq[i] >= 0:
+            fields += f",seq={seq[i]}i"
+        if rx_time[i]:
+            fields += ",rx_time=true"
+        append(f"{series[row]} {fields} {t}")
+    return out
+
+
+def status_line(site: str, line: str, device: str, online: bool, ts_ms: int) -> str:
+    key = series_key(DEVICE_STATUS, {"site": site, "line": line, "device": device})
+    return f"{key} online={'true' if online else 'false'} {ts_ms}"

@@ -1,0 +1,38 @@
+"""Line protocol: structure, escaping, and NaN handling."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from ingest.sinks.lineprotocol import escape_tag, status_line, telemetry_lines, telemetry_series
+
+
+def test_escape_tag() -> None:
+    assert escape_tag("a b,c=d\\e") == "a\\ b\\,c\\=d\\\\e"
+    with pytest.raises(ValueError):
+        escape_tag("a\nb")
+
+
+def test_series_sorted_and_escaped() -> None:
+    assert telemetry_series("s 1", "l1", "d1", "t") == (
+        "telemetry,device=d1,line=l1,sensor=t,site=s\\ 1"
+    )
+
+
+def test_telemetry_lines() -> None:
+    series = [telemetry_series("s", "l", "d", "a")]
+    f = np.array
+    lines = telemetry_lines(
+        series, f([0, 0]), f([1000, 2000]), f([1.5, 1e-7]), f([np.nan, 1.5]), f([np.nan, 0.0]),
+        f([0.0, -2.0]), f([0.0, 0.25]), f([False, True]), [-1, 7], [False, True],
+    )
+    assert lines == [
+        "telemetry,device=d,line=l,sensor=a,site=s value=1.5,z=0.0,score=0.0,anomaly=false 1000",
+        "telemetry,device=d,line=l,sensor=a,site=s value=1e-07,mean=1.5,std=0.0,z=-2.0,"
+        "score=0.25,anomaly=true,seq=7i,rx_time=true 2000",
+    ]
+
+
+def test_status_line() -> None:
+    assert status_line("s", "l", "d", False, 5) == "device_status,device=d,line=l,site=s online=false 5"

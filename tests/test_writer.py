@@ -1,0 +1,62 @@
+"""BatchWriter: retries transient failures, isolates refused lines (sink faked in memory)."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+
+from ingest.metrics import Metrics
+from ingest.sinks.base import WriteError
+from ingest.writer import BatchWriter
+
+
+class FlakySink:
+    name = "flaky"
+
+    def __init__(self, fail_first: int = 0, bad: frozenset[str] = frozenset()) -> None:
+        self.fail_first = fail_first
+        self.bad = bad
+        self.stored: list[str] = []
+        self.calls = 0
+
+    def open(self) -> None: ...
+
+    def close(self) -> None: ...
+
+    def write(self, lines: Sequence[str]) -> None:
+        self.calls += 1
+        if self.calls <= self.fail_first:
+            raise WriteError("503", retryable=True, status=503, retry_after=0.0)
+        if self.bad.intersection(lines):
+            # Like InfluxDB 1.x: the good lines of a partial write are stored anyway.
+            self.stored.extend(x for x in lines if x not in self.bad)
+            raise WriteError("partial write: field type conflict", retryable=False, status=400)
+        self.stored.extend(lines)
+
+
+def test_transient_failures_are_retried() -> None:
+    sink = FlakySink(fail_first=3)
+    writer = BatchWriter(sink, Metrics(), lambda line, why: None, retry_initial=0.001)
+    assert writer.write(["a", "b"])
+    assert sink.stored == ["a", "b"]
+    assert writer.metrics.counters["write_retries"] == 3
+
+
+def test_refused_lines_are_isolated_and_the_rest_written() -> None:
+    lines = [f"l{i}" for i in range(100)]
+    sink = FlakySink(bad=frozenset({"l13", "l77"}))
+    refused: list[tuple[str, str]] = []
+    writer = BatchWriter(sink, Metrics(), lambda line, why: refused.append((line, why)))
+    assert writer.write(lines)
+    assert [line for line, _ in refused] == ["l13", "l77"]
+    assert "type conflict" in refused[0][1]
+    assert set(sink.stored) == set(lines) - {"l13", "l77"}
+
+
+def test_stop_abandons_retries() -> None:
+    stop = threading.Event()
+    sink = FlakySink(fail_first=10**9)
+    writer = BatchWriter(sink, Metrics(), lambda line, why: None, retry_initial=0.01, stop=stop)
+    threading.Timer(0.2, stop.set).start()
+    assert writer.write(["a"]) is False
+    assert sink.stored == []
