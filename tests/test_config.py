@@ -12,8 +12,14 @@ from ingest.config import ConfigError, env_variables, load_settings
 def test_defaults_and_env_overrides(tmp_path: Path) -> None:
     cfg = tmp_path / "ingest.toml"
     cfg.write_text('[mqtt]\nclient_id = "from-file"\n[influx]\nbatch_size = 10\n')
-    s = load_settings(cfg, environ={"INGEST_CLIENT_ID": "from-env", "INGEST_TOPIC_PREFIX": "a/b",
-                                    "INGEST_INFLUX_URL": "http://db:8086/"})
+    s = load_settings(
+        cfg,
+        environ={
+            "INGEST_CLIENT_ID": "from-env",
+            "INGEST_TOPIC_PREFIX": "a/b",
+            "INGEST_INFLUX_URL": "http://db:8086/",
+        },
+    )
     assert s.mqtt.client_id == "from-env"
     assert s.mqtt.topic_prefix == "a/b"
     assert s.influx.batch_size == 10
@@ -59,7 +65,15 @@ def test_missing_and_broken_files(tmp_path: Path) -> None:
 
 def test_every_setting_has_an_environment_variable() -> None:
     names = {var for var, _, _ in env_variables()}
-    for required in ["INGEST_MQTT_URL", "INGEST_INFLUX_URL", "INGEST_INFLUX_API",
-                     "INGEST_INFLUX_DATABASE", "INGEST_INFLUX_USERNAME", "INGEST_INFLUX_PASSWORD",
-                     "INGEST_INFLUX_BUCKET", "INGEST_INFLUX_ORG", "INGEST_INFLUX_TOKEN"]:
+    for required in [
+        "INGEST_MQTT_URL",
+        "INGEST_INFLUX_URL",
+        "INGEST_INFLUX_API",
+        "INGEST_INFLUX_DATABASE",
+        "INGEST_INFLUX_USERNAME",
+        "INGEST_INFLUX_PASSWORD",
+        "INGEST_INFLUX_BUCKET",
+        "INGEST_INFLUX_ORG",
+        "INGEST_INFLUX_TOKEN",
+    ]:
         assert required in names

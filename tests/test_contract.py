@@ -46,5 +46,9 @@ def test_schema_and_models_agree(doc: dict[str, object], valid: bool) -> None:
 def test_topics() -> None:
     parts = parse_topic("a/b", "a/b/s/l/d/telemetry")
     assert (parts.site, parts.line, parts.device, parts.kind) == ("s", "l", "d", "telemetry")
-    assert rejected_topic("factory", "factory/s/l/d/telemetry") == "factory/_rejected/s/l/d/telemetry"
-    assert rejected_topic("factory", "factory/s 1/l/d/telemetry") == "factory/_rejected/_invalid_topic"
+    assert (
+        rejected_topic("factory", "factory/s/l/d/telemetry") == "factory/_rejected/s/l/d/telemetry"
+    )
+    assert (
+        rejected_topic("factory", "factory/s 1/l/d/telemetry") == "factory/_rejected/_invalid_topic"
+    )

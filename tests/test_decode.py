@@ -15,8 +15,12 @@ NOW_MS = int(time.time() * 1000)
 TOPIC = "factory/s1/l1/d1/telemetry"
 
 
-def decode(payload: bytes | str, topic: str = TOPIC, limits: Limits = DEFAULT_LIMITS,
-           max_streams: int = 1000) -> tuple[DecodedBatch, StreamRegistry]:
+def decode(
+    payload: bytes | str,
+    topic: str = TOPIC,
+    limits: Limits = DEFAULT_LIMITS,
+    max_streams: int = 1000,
+) -> tuple[DecodedBatch, StreamRegistry]:
     registry = StreamRegistry(max_streams)
     out = DecodedBatch()
     raw = payload.encode() if isinstance(payload, str) else payload
@@ -156,8 +160,18 @@ def test_default_limit_of_samples_per_message() -> None:
 
 
 def test_stream_limit_rejects_new_streams_only() -> None:
-    out, reg = decode(json.dumps({"samples": [sample(NOW_MS, a=1.0), sample(NOW_MS + 1, b=1.0),
-                                              sample(NOW_MS + 2, a=2.0)]}), max_streams=1)
+    out, reg = decode(
+        json.dumps(
+            {
+                "samples": [
+                    sample(NOW_MS, a=1.0),
+                    sample(NOW_MS + 1, b=1.0),
+                    sample(NOW_MS + 2, a=2.0),
+                ]
+            }
+        ),
+        max_streams=1,
+    )
     assert out.values == [1.0, 2.0]
     assert [r.code for r in out.rejections] == ["stream_limit"]
     assert len(reg) == 1

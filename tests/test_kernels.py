@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -25,8 +27,9 @@ def _batch(rng: np.random.Generator, n: int, streams: int, nan_frac: float = 0.0
 
 def _compare(got, want) -> None:
     for name in ("mean", "std", "z", "score"):
-        np.testing.assert_allclose(getattr(got, name), want[name], rtol=1e-7, atol=1e-9,
-                                   equal_nan=True, err_msg=name)
+        np.testing.assert_allclose(
+            getattr(got, name), want[name], rtol=1e-7, atol=1e-9, equal_nan=True, err_msg=name
+        )
     np.testing.assert_array_equal(got.anomaly, want["anomaly"])
 
 
@@ -57,7 +60,7 @@ def test_rolling_zscore_chunk_invariant_and_matches_reference(
     _compare(whole, rolling_zscore_naive(rows, ts, values, window, 2, 2.5))
     pieces = RollingZScore(params, capacity=1)
     bounds = [0, *sorted(c for c in cuts if c <= n), n]
-    parts = [pieces.update(rows[a:b], ts[a:b], values[a:b]) for a, b in zip(bounds, bounds[1:])]
+    parts = [pieces.update(rows[a:b], ts[a:b], values[a:b]) for a, b in itertools.pairwise(bounds)]
     for name in ("mean", "std", "z", "score", "anomaly"):
         joined = np.concatenate([getattr(p, name) for p in parts])
         np.testing.assert_array_equal(joined, getattr(whole, name), err_msg=name)

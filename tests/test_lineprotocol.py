@@ -24,8 +24,17 @@ def test_telemetry_lines() -> None:
     series = [telemetry_series("s", "l", "d", "a")]
     f = np.array
     lines = telemetry_lines(
-        series, f([0, 0]), f([1000, 2000]), f([1.5, 1e-7]), f([np.nan, 1.5]), f([np.nan, 0.0]),
-        f([0.0, -2.0]), f([0.0, 0.25]), f([False, True]), [-1, 7], [False, True],
+        series,
+        f([0, 0]),
+        f([1000, 2000]),
+        f([1.5, 1e-7]),
+        f([np.nan, 1.5]),
+        f([np.nan, 0.0]),
+        f([0.0, -2.0]),
+        f([0.0, 0.25]),
+        f([False, True]),
+        [-1, 7],
+        [False, True],
     )
     assert lines == [
         "telemetry,device=d,line=l,sensor=a,site=s value=1.5,z=0.0,score=0.0,anomaly=false 1000",
@@ -35,4 +44,7 @@ def test_telemetry_lines() -> None:
 
 
 def test_status_line() -> None:
-    assert status_line("s", "l", "d", False, 5) == "device_status,device=d,line=l,site=s online=false 5"
+    assert (
+        status_line("s", "l", "d", False, 5)
+        == "device_status,device=d,line=l,site=s online=false 5"
+    )
