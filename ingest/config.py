@@ -46,7 +46,7 @@ class MqttSettings(_Section):
     session_expiry: Annotated[int, Field(ge=0)] = 7 * 24 * 3600
     #: Unacknowledged messages the broker may send us (v5 Receive Maximum). With 3.1.1 the
     #: broker decides (Mosquitto: max_inflight_messages, 20 by default): set this to match.
-    max_inflight: Annotated[int, Field(ge=1, le=65535)] = 1000
+    max_inflight: Annotated[int, Field(ge=1, le=65535)] = 10_000
     ca_file: str | None = None
     cert_file: str | None = None
     key_file: str | None = None

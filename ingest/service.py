@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import queue
 import threading
 import time
 
@@ -19,6 +20,9 @@ from ingest.sinks.influx import InfluxV1Sink, InfluxV2Sink
 from ingest.writer import BatchWriter
 
 log = logging.getLogger(__name__)
+
+#: Batches waiting for the writer thread (one more is being written).
+WRITE_QUEUE = 2
 
 
 def build_sink(settings: Settings) -> Sink:
@@ -72,6 +76,12 @@ class IngestService:
         self.health: HealthServer | None = None
         self._last_write_ok = True
         self.exit_reason = ""
+        self._write_queue: queue.Queue[tuple[list[str], list[Received]] | None] = queue.Queue(
+            WRITE_QUEUE
+        )
+        # Messages handed to the writer (processing thread) and settled by it (writer thread).
+        self._handed = 0
+        self._done = 0
 
     def request_stop(self) -> None:
         """Stop taking messages; the last write gets ``service.shutdown_timeout`` seconds."""
@@ -129,7 +139,14 @@ class IngestService:
         self.source.start()
 
     def run(self) -> int:
-        """Process until ``stop_event``; returns the process exit code."""
+        """Process until ``stop_event``; returns the process exit code.
+
+        The processing thread (this one) decodes, scores and formats; a writer
+        thread writes each batch and then acknowledges its messages, in order.
+        At most ``WRITE_QUEUE`` batches wait for the writer: when the database is
+        slow, processing blocks, acknowledgements stop, and the broker holds
+        the rest (its in-flight window bounds what ingest keeps in memory).
+        """
         s = self.settings
         try:
             self.start()
@@ -137,88 +154,107 @@ class IngestService:
             self.exit_reason = str(exc)
             log.error("%s", exc)
             return 1
+        writer = threading.Thread(target=self._write_loop, name="writer", daemon=True)
+        writer.start()
         pending_msgs: list[Received] = []
         pending_lines: list[str] = []
         first_pending = 0.0
         flush_interval = s.influx.flush_interval
         batch_size = s.influx.batch_size
-        # Flush before the broker's in-flight window is full, or it stops sending.
-        ack_window = max(1, s.mqtt.max_inflight // 2)
+        # Hand a batch over well before the broker's in-flight window is full.
+        ack_window = max(1, s.mqtt.max_inflight // 4)
+        code = 0
         try:
             while not self.stop_event.is_set():
                 if self.source.fatal:
                     self.exit_reason = self.source.fatal
                     log.error("%s", self.source.fatal)
-                    return 2
-                wait = (
-                    flush_interval
-                    if not pending_msgs
-                    else max(0.0, first_pending + flush_interval - time.monotonic())
-                )
+                    code = 2
+                    break
+                if not writer.is_alive():
+                    break
+                wait = flush_interval
+                if pending_msgs:
+                    wait = max(0.0, first_pending + flush_interval - time.monotonic())
                 msgs = self.source.get_batch(s.service.max_batch_messages, min(wait, 0.5))
                 if msgs:
                     if not pending_msgs:
                         first_pending = time.monotonic()
-                    result = self.processor.process(
-                        [(m.topic, m.payload, m.received) for m in msgs]
-                    )
-                    self._reject(result.rejections)
-                    pending_lines.extend(result.lines)
+                    pending_lines.extend(self._process(msgs))
                     pending_msgs.extend(msgs)
-                    self.metrics.inc("samples_accepted", result.samples)
-                    self.metrics.inc("readings_accepted", result.readings)
-                    self.metrics.inc("anomalies", result.anomalies)
-                    self.metrics.set("streams", len(self.processor.registry))
-                self.metrics.set("pending_messages", len(pending_msgs))
                 if pending_msgs and (
                     len(pending_lines) >= batch_size
                     or len(pending_msgs) >= ack_window
                     or time.monotonic() - first_pending >= flush_interval
                 ):
-                    if not self._flush(pending_lines, pending_msgs):
-                        break
+                    self._hand_over(pending_lines, pending_msgs)
                     pending_lines, pending_msgs = [], []
-            return 0
         finally:
-            self._shutdown(pending_lines, pending_msgs)
-
-    def _flush(self, lines: list[str], msgs: list[Received]) -> bool:
-        """Write, then make dead letters safe, then acknowledge. False if stopped midway."""
-        t0 = time.monotonic()
-        ok = self.writer.write(lines)
-        self._last_write_ok = ok
-        if not ok:
-            return False
-        self.metrics.inc("points_written", len(lines))
-        self.metrics.set("write_latency_seconds", time.monotonic() - t0)
-        self.metrics.set("last_write_unixtime", time.time())
-        if not self.dead_letter.flush(timeout=10.0):
-            self.metrics.inc("dead_letters_failed")
-            log.warning(
-                "dead letters not confirmed by the broker; leaving %d messages "
-                "unacknowledged for redelivery",
-                len(msgs),
-            )
-            return True
-        self.source.ack(msgs)
-        return True
-
-    def _shutdown(self, lines: list[str], msgs: list[Received]) -> None:
-        self.request_stop()
-        try:
-            if msgs:
-                log.info("shutting down: writing %d pending points", len(lines))
-                if self._flush(lines, msgs):
-                    log.info("pending points written and acknowledged")
-                else:
-                    log.warning(
-                        "shutdown deadline: %d messages left unacknowledged; the broker "
-                        "will redeliver them",
-                        len(msgs),
-                    )
-        finally:
-            self._write_stop.set()
+            self.request_stop()
+            if pending_msgs:
+                self._hand_over(pending_lines, pending_msgs)
+            while writer.is_alive():
+                try:
+                    self._write_queue.put(None, timeout=0.5)
+                    break
+                except queue.Full:
+                    continue
+            writer.join(self.settings.service.shutdown_timeout + 5.0)
+            if self._handed - self._done:
+                log.warning(
+                    "shutdown: %d messages left unacknowledged; the broker will redeliver them",
+                    self._handed - self._done,
+                )
             self.source.stop()
             self.sink.close()
             if self.health:
                 self.health.stop()
+        return code
+
+    def _process(self, msgs: list[Received]) -> list[str]:
+        result = self.processor.process([(m.topic, m.payload, m.received) for m in msgs])
+        self._reject(result.rejections)
+        self.metrics.inc("samples_accepted", result.samples)
+        self.metrics.inc("readings_accepted", result.readings)
+        self.metrics.inc("anomalies", result.anomalies)
+        self.metrics.set("streams", len(self.processor.registry))
+        return result.lines
+
+    def _hand_over(self, lines: list[str], msgs: list[Received]) -> None:
+        self._handed += len(msgs)
+        self.metrics.set("pending_messages", self._handed - self._done)
+        while True:  # blocks while the writer is behind: backpressure
+            try:
+                self._write_queue.put((lines, msgs), timeout=0.5)
+                return
+            except queue.Full:
+                if self._write_stop.is_set():
+                    return
+
+    def _write_loop(self) -> None:
+        """Writer thread: write each batch, make its dead letters safe, then acknowledge."""
+        while True:
+            item = self._write_queue.get()
+            if item is None:
+                return
+            lines, msgs = item
+            t0 = time.monotonic()
+            ok = self.writer.write(lines)
+            self._last_write_ok = ok
+            if not ok:
+                log.warning("writes abandoned at the shutdown deadline")
+                return  # later batches must not be acknowledged before this one
+            self.metrics.inc("points_written", len(lines))
+            self.metrics.set("write_latency_seconds", time.monotonic() - t0)
+            self.metrics.set("last_write_unixtime", time.time())
+            if self.dead_letter.flush(timeout=10.0):
+                self.source.ack(msgs)
+            else:
+                self.metrics.inc("dead_letters_failed")
+                log.warning(
+                    "dead letters not confirmed by the broker; leaving %d messages "
+                    "unacknowledged for redelivery",
+                    len(msgs),
+                )
+            self._done += len(msgs)
+            self.metrics.set("pending_messages", self._handed - self._done)
