@@ -14,7 +14,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, Final
+from typing import Any, Final, Literal
 from uuid import uuid4
 
 import numpy as np
@@ -115,9 +115,9 @@ class _Acks:
                 )
 
 
-def _connect(mqtt_url: str, client_id: str) -> mqtt.Client:
+def _connect(mqtt_url: str, client_id: str, protocol: Literal["5", "3.1.1"] = "5") -> mqtt.Client:
     url = parse_mqtt_url(mqtt_url)
-    client = make_client(url, client_id)
+    client = make_client(url, client_id, protocol=protocol)
     done = threading.Event()
     result: list[Any] = []
 
@@ -153,6 +153,7 @@ def run_fleet(
     client_id: str | None = None,
     bad_message_rate: float = 0.0,
     on_progress: Callable[[SimStats], None] | None = None,
+    protocol: Literal["5", "3.1.1"] = "5",
 ) -> SimStats:
     """Publish ``duration_s`` seconds of ``fleet`` (from its ``start_ms``) and return the counts.
 
@@ -172,7 +173,7 @@ def run_fleet(
     bad_rng = np.random.default_rng([fleet.seed, 0xBAD])
     bad_counts: Counter[str] = Counter()
     acks = _Acks()
-    client = _connect(mqtt_url, client_id or f"factory-sim-{uuid4().hex[:12]}")
+    client = _connect(mqtt_url, client_id or f"factory-sim-{uuid4().hex[:12]}", protocol)
     client.on_publish = acks.on_publish
 
     def publish(topic: str, payload: bytes, retain: bool = False) -> None:
