@@ -138,7 +138,9 @@ class Score:
         return found / injected if injected else float("nan")
 
 
-def score_flags(labels: list[FaultLabel], flags: Flags, tolerance_ms: int = MATCH_TOLERANCE_MS) -> Score:
+def score_flags(
+    labels: list[FaultLabel], flags: Flags, tolerance_ms: int = MATCH_TOLERANCE_MS
+) -> Score:
     """Event recall per fault kind, and the share of flagged readings inside a fault.
 
     A fault is found when its stream has a flag between its first sample and
@@ -223,9 +225,16 @@ def run_demo(args: argparse.Namespace) -> int:
     sim_result: list[SimStats] = []
     sim = threading.Thread(
         target=lambda: sim_result.append(
-            run_fleet(mqtt_url, fleet=fleet, duration_s=args.duration, batch=10,
-                      bad_message_rate=0.02, stop=stop, on_progress=progress,
-                      protocol=settings.mqtt.protocol)  # fmt: skip
+            run_fleet(
+                mqtt_url,
+                fleet=fleet,
+                duration_s=args.duration,
+                batch=10,
+                bad_message_rate=0.02,
+                stop=stop,
+                on_progress=progress,
+                protocol=settings.mqtt.protocol,
+            )  # fmt: skip
         ),
         name="simulator",
         daemon=True,

@@ -77,3 +77,17 @@ def test_every_setting_has_an_environment_variable() -> None:
         "INGEST_INFLUX_TOKEN",
     ]:
         assert required in names
+
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_example_config_loads() -> None:
+    settings = load_settings(REPO / "ingest.example.toml", environ={})
+    assert settings.influx.url == "http://127.0.0.1:8086"
+
+
+def test_readme_documents_every_variable() -> None:
+    readme = (REPO / "README.md").read_text()
+    missing = [var for var, _, _ in env_variables() if f"`{var}`" not in readme]
+    assert not missing, f"README.md does not document {missing}"
