@@ -84,13 +84,17 @@ def main() -> None:
     for per_message in (1, 100):
         n = args.messages if per_message == 1 else max(1, args.messages // 50)
         mps, rps = bench_processor(n, per_message)
-        print(f"  {per_message:3d} samples x 3 sensors per message: {mps:10,.0f} messages/s "
-              f"{rps:12,.0f} readings/s")  # fmt: skip
+        print(
+            f"  {per_message:3d} samples x 3 sensors per message: {mps:10,.0f} messages/s "
+            f"{rps:12,.0f} readings/s"
+        )
     print("rolling z-score kernel (window 60), ns per sample:")
     for streams in (1, 10_000):
         ns, floor = bench_kernel(2_000_000, streams)
-        print(f"  {streams:6d} interleaved streams: {ns:6.1f} ns   (NumPy sum of the same "
-              f"array: {floor:.2f} ns)")  # fmt: skip
+        print(
+            f"  {streams:6d} interleaved streams: {ns:6.1f} ns   (NumPy sum of the same "
+            f"array: {floor:.2f} ns)"
+        )
 
 
 if __name__ == "__main__":

@@ -37,9 +37,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     target = s.influx.url or f"file {s.influx.file}"
     logging.getLogger("ingest").info(
         "ingest starting: mqtt %s (client id %s, prefix %s) -> %s (%s)",
-        service.source.url.redacted(), s.mqtt.client_id, s.mqtt.topic_prefix, target,
+        service.source.url.redacted(),
+        s.mqtt.client_id,
+        s.mqtt.topic_prefix,
+        target,
         s.influx.api if s.influx.url else "line protocol",
-    )  # fmt: skip
+    )
     code = service.run()
     if code and service.exit_reason:
         print(f"ingest: error: {service.exit_reason}", file=sys.stderr)
@@ -66,10 +69,15 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         devices=args.devices, rate_hz=args.rate, seed=args.seed, fault_rate=args.fault_rate
     )
     stats = run_fleet(
-        args.mqtt_url, prefix=args.prefix, fleet=fleet, duration_s=args.duration,
-        batch=args.batch, labels_path=args.labels, realtime=not args.fast,
+        args.mqtt_url,
+        prefix=args.prefix,
+        fleet=fleet,
+        duration_s=args.duration,
+        batch=args.batch,
+        labels_path=args.labels,
+        realtime=not args.fast,
         bad_message_rate=args.bad_rate,
-    )  # fmt: skip
+    )
     print(json.dumps(_as_dict(stats), indent=2, default=str))
     return 0
 

@@ -91,8 +91,11 @@ class MqttDeadLetter:
         self.failed = 0
 
     def send(self, rejection: Rejection) -> None:
-        topic = (rejected_topic(self.prefix, rejection.topic) if rejection.topic
-                 else f"{self.prefix}/{REJECTED_SEGMENT}/_write")  # fmt: skip
+        topic = (
+            rejected_topic(self.prefix, rejection.topic)
+            if rejection.topic
+            else f"{self.prefix}/{REJECTED_SEGMENT}/_write"
+        )
         info = self._publish(topic, orjson.dumps(dead_letter_document(rejection)), 1)
         with self._lock:
             self._pending.append(info)

@@ -139,10 +139,15 @@ class Decoder:
             out.rejections.append(Rejection(topic, "invalid_topic", parts, payload))
             return
         if len(payload) > self.limits.max_payload_bytes:
-            out.rejections.append(Rejection(
-                topic, "payload_too_large",
-                f"payload of {len(payload)} bytes exceeds the limit of "
-                f"{self.limits.max_payload_bytes} bytes", payload))  # fmt: skip
+            out.rejections.append(
+                Rejection(
+                    topic,
+                    "payload_too_large",
+                    f"payload of {len(payload)} bytes exceeds the limit of "
+                    f"{self.limits.max_payload_bytes} bytes",
+                    payload,
+                )
+            )
             return
         try:
             obj = parse_json(payload)
@@ -151,9 +156,14 @@ class Decoder:
             out.rejections.append(Rejection(topic, code, str(exc), payload))
             return
         if not isinstance(obj, dict):
-            out.rejections.append(Rejection(
-                topic, "not_object", f"payload must be a JSON object, got {type(obj).__name__}",
-                payload))  # fmt: skip
+            out.rejections.append(
+                Rejection(
+                    topic,
+                    "not_object",
+                    f"payload must be a JSON object, got {type(obj).__name__}",
+                    payload,
+                )
+            )
             return
         if parts.kind == STATUS_SUFFIX:
             self._status(parts, topic, payload, obj, received, out)
@@ -199,10 +209,15 @@ class Decoder:
             )
             return []
         if len(raw) > self.limits.max_samples_per_message:
-            out.rejections.append(Rejection(
-                topic, "too_many_samples",
-                f"{len(raw)} samples in one message exceeds the limit of "
-                f"{self.limits.max_samples_per_message}", payload))  # fmt: skip
+            out.rejections.append(
+                Rejection(
+                    topic,
+                    "too_many_samples",
+                    f"{len(raw)} samples in one message exceeds the limit of "
+                    f"{self.limits.max_samples_per_message}",
+                    payload,
+                )
+            )
             return []
         try:
             batch = Batch.model_validate(obj)
@@ -247,10 +262,15 @@ class Decoder:
             rx = ts is None
             if ts is None:
                 if not single:
-                    out.rejections.append(Rejection(
-                        topic, "ts_missing",
-                        f"samples.{index}.ts: required when a message has several samples",
-                        payload, index))  # fmt: skip
+                    out.rejections.append(
+                        Rejection(
+                            topic,
+                            "ts_missing",
+                            f"samples.{index}.ts: required when a message has several samples",
+                            payload,
+                            index,
+                        )
+                    )
                     continue
                 ts = int(received * 1000)
             elif ts < limits.min_ts_ms or ts > latest:
@@ -265,10 +285,16 @@ class Decoder:
                 )
                 continue
             if len(sample.values) > limits.max_values_per_sample:
-                out.rejections.append(Rejection(
-                    topic, "too_many_values",
-                    f"samples.{index}.values: {len(sample.values)} values exceeds the limit of "
-                    f"{limits.max_values_per_sample}", payload, index))  # fmt: skip
+                out.rejections.append(
+                    Rejection(
+                        topic,
+                        "too_many_values",
+                        f"samples.{index}.values: {len(sample.values)} values exceeds the limit of "
+                        f"{limits.max_values_per_sample}",
+                        payload,
+                        index,
+                    )
+                )
                 continue
             seq = -1 if sample.seq is None else sample.seq
             try:
@@ -300,8 +326,7 @@ def _ts_reason(index: int, ts: int, limits: Limits, now_ms: int) -> str:
     if ts < limits.min_ts_ms:
         hint = " (looks like seconds, expected milliseconds)" if 0 < ts < 10**10 else ""
         return f"{where}: {ts} is before the earliest accepted time {limits.min_ts_ms}{hint}"
-    hint = (" (looks like micro- or nanoseconds, expected milliseconds)"
-            if ts > 10**14 else "")  # fmt: skip
+    hint = " (looks like micro- or nanoseconds, expected milliseconds)" if ts > 10**14 else ""
     return (
         f"{where}: {ts} is more than {limits.max_future_ms} ms ahead of the ingest clock "
         f"({now_ms}){hint}"

@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy.typing as npt
 
-from devices.simulator import Fleet, FaultLabel, SimStats, run_fleet, write_labels
+from devices.simulator import FaultLabel, Fleet, SimStats, run_fleet, write_labels
 from ingest.config import Settings, load_settings
 from ingest.processing.detectors import StreamRegistry
 from ingest.service import IngestService
@@ -201,9 +201,11 @@ def run_demo(args: argparse.Namespace) -> int:
         mqtt_url = broker.start()
     settings = _demo_settings(args, mqtt_url, embedded=broker is not None)
     target = settings.influx.url or settings.influx.file
-    print(f"factory-ingest demo: broker {mqtt_url}{' (embedded)' if broker else ''}, "
-          f"{args.devices} machines x 4 sensors at {args.rate:g} Hz for {args.duration:g} s "
-          f"-> {target}")  # fmt: skip
+    print(
+        f"factory-ingest demo: broker {mqtt_url}{' (embedded)' if broker else ''}, "
+        f"{args.devices} machines x 4 sensors at {args.rate:g} Hz for {args.duration:g} s "
+        f"-> {target}"
+    )
 
     flags = Flags()
     service = IngestService(settings, on_readings=flags.hook)
@@ -234,7 +236,7 @@ def run_demo(args: argparse.Namespace) -> int:
                 stop=stop,
                 on_progress=progress,
                 protocol=settings.mqtt.protocol,
-            )  # fmt: skip
+            )
         ),
         name="simulator",
         daemon=True,
@@ -251,9 +253,11 @@ def run_demo(args: argparse.Namespace) -> int:
                 continue
             last_print = now
             m = service.metrics.snapshot()
-            line = (f"  t={now - started:5.1f}s  published {latest.readings:7d} readings  "
-                    f"written {m['points_written']:7d}  rejected {m['rejected_total']:4d}  "
-                    f"anomalies {m['anomalies']:5d}")  # fmt: skip
+            line = (
+                f"  t={now - started:5.1f}s  published {latest.readings:7d} readings  "
+                f"written {m['points_written']:7d}  rejected {m['rejected_total']:4d}  "
+                f"anomalies {m['anomalies']:5d}"
+            )
             print("\r" + line if tty else line, end="" if tty else "\n", flush=True)
     except KeyboardInterrupt:
         stop.set()
@@ -278,25 +282,43 @@ def run_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _summary(stats: SimStats, service: IngestService, score: Score, args: argparse.Namespace,
-             labels_path: str, target: str) -> None:  # fmt: skip
+def _summary(
+    stats: SimStats,
+    service: IngestService,
+    score: Score,
+    args: argparse.Namespace,
+    labels_path: str,
+    target: str,
+) -> None:
     m = service.metrics.snapshot()
     bad_sent = sum(stats.bad_messages.values())
     print("\nSummary")
-    print(f"  published      {stats.samples} samples ({stats.readings} readings) in "
-          f"{stats.messages} messages, plus {bad_sent} malformed messages")  # fmt: skip
-    print(f"  ingested       {m['readings_accepted']} readings, {m['points_written']} points "
-          f"written to {target}")  # fmt: skip
+    print(
+        f"  published      {stats.samples} samples ({stats.readings} readings) in "
+        f"{stats.messages} messages, plus {bad_sent} malformed messages"
+    )
+    print(
+        f"  ingested       {m['readings_accepted']} readings, {m['points_written']} points "
+        f"written to {target}"
+    )
     rejects = ", ".join(f"{k} {v}" for k, v in sorted(m["rejects"].items())) or "none"
-    print(f"  rejected       {m['rejected_total']} ({rejects}); details in "
-          f"{os.path.join(args.out, 'rejected.jsonl')}")  # fmt: skip
-    print(f"  anomalies      {score.flagged} readings flagged; "
-          f"{score.flagged_in_faults} of them inside an injected fault")  # fmt: skip
-    print(f"  faults         {sum(n for _, n in score.recall_by_kind.values())} injected "
-          f"(ground truth: {labels_path})")  # fmt: skip
+    print(
+        f"  rejected       {m['rejected_total']} ({rejects}); details in "
+        f"{os.path.join(args.out, 'rejected.jsonl')}"
+    )
+    print(
+        f"  anomalies      {score.flagged} readings flagged; "
+        f"{score.flagged_in_faults} of them inside an injected fault"
+    )
+    print(
+        f"  faults         {sum(n for _, n in score.recall_by_kind.values())} injected "
+        f"(ground truth: {labels_path})"
+    )
     print("  detection by fault kind (found / injected), rolling z-score detector:")
     for kind, (found, n) in score.recall_by_kind.items():
         print(f"    {kind:12s} {found:3d} / {n:3d}")
-    print(f"  precision      {score.precision:.1%} of flagged readings lie in a fault "
-          f"(+{MATCH_TOLERANCE_MS / 1000:g} s)")  # fmt: skip
+    print(
+        f"  precision      {score.precision:.1%} of flagged readings lie in a fault "
+        f"(+{MATCH_TOLERANCE_MS / 1000:g} s)"
+    )
     print(f"  recall         {score.recall:.1%} of injected faults flagged at least once")

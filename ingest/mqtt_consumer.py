@@ -69,10 +69,16 @@ class MqttSource:
         self.fatal: str | None = None
         self.last_message_at = 0.0
         self.client = make_client(
-            self.url, settings.client_id, protocol=settings.protocol, clean=False,
-            ca_file=settings.ca_file, cert_file=settings.cert_file, key_file=settings.key_file,
-            insecure_tls=settings.tls_insecure, manual_ack=True,
-        )  # fmt: skip
+            self.url,
+            settings.client_id,
+            protocol=settings.protocol,
+            clean=False,
+            ca_file=settings.ca_file,
+            cert_file=settings.cert_file,
+            key_file=settings.key_file,
+            insecure_tls=settings.tls_insecure,
+            manual_ack=True,
+        )
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = self._on_disconnect
         self.client.on_message = self._on_message

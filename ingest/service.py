@@ -60,18 +60,23 @@ class IngestService:
         self._write_stop = threading.Event()  # set at the shutdown deadline: abandon retries
         p = settings.processing
         self.processor = Processor(
-            settings.mqtt.topic_prefix, settings.limits.limits(),
+            settings.mqtt.topic_prefix,
+            settings.limits.limits(),
             ZScoreParams(window=p.window, warmup=p.warmup, threshold=p.threshold),
-            p.max_streams, on_readings,
-        )  # fmt: skip
+            p.max_streams,
+            on_readings,
+        )
         self.sink = sink or build_sink(settings)
         self.source = MqttSource(settings.mqtt, self.metrics)
         self.dead_letter = self._build_dead_letter()
         self.writer = BatchWriter(
-            self.sink, self.metrics, self._refused_line,
-            retry_initial=settings.influx.retry_initial, retry_max=settings.influx.retry_max,
+            self.sink,
+            self.metrics,
+            self._refused_line,
+            retry_initial=settings.influx.retry_initial,
+            retry_max=settings.influx.retry_max,
             stop=self._write_stop,
-        )  # fmt: skip
+        )
         self.reject_log = RateLimitedLog(logging.getLogger("ingest.rejects"))
         self.health: HealthServer | None = None
         self._last_write_ok = True

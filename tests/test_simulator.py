@@ -286,9 +286,14 @@ def test_publish_to_mosquitto() -> None:
         duration = 30.0
         fleet = Fleet(2, seed=3, fault_rate=1.0, start_ms=int(time.time() * 1000) - 30_000)
         stats = run_fleet(
-            url, prefix=prefix, fleet=fleet, duration_s=duration, batch=7,
-            realtime=False, bad_message_rate=0.3,
-        )  # fmt: skip
+            url,
+            prefix=prefix,
+            fleet=fleet,
+            duration_s=duration,
+            batch=7,
+            realtime=False,
+            bad_message_rate=0.3,
+        )
         assert stats.samples == 2 * 300 == fleet.samples_emitted
         assert stats.messages == 2 * 43 and sum(stats.bad_messages.values()) > 0
         expected = {

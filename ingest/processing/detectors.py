@@ -115,10 +115,21 @@ class RollingZScore:
         )
         p = self.params
         k.rolling_zscore(
-            rows, ts, values, p.window, p.warmup, p.threshold,
-            self.buf, self.fstate, self.istate,
-            out.mean, out.std, out.z, out.score, out.anomaly,
-        )  # fmt: skip
+            rows,
+            ts,
+            values,
+            p.window,
+            p.warmup,
+            p.threshold,
+            self.buf,
+            self.fstate,
+            self.istate,
+            out.mean,
+            out.std,
+            out.z,
+            out.score,
+            out.anomaly,
+        )
         return out
 
     def warm_up_jit(self) -> None:

@@ -65,10 +65,19 @@ def telemetry_lines(
     first sample) are left out rather than written as NaN, which InfluxDB refuses."""
     out: list[str] = []
     append = out.append
-    for i, (row, t, v, m, s, zz, sc, an) in enumerate(zip(
-        rows.tolist(), ts.tolist(), values.tolist(), mean.tolist(), std.tolist(),
-        z.tolist(), score.tolist(), anomaly.tolist(), strict=True,
-    )):  # fmt: skip
+    for i, (row, t, v, m, s, zz, sc, an) in enumerate(
+        zip(
+            rows.tolist(),
+            ts.tolist(),
+            values.tolist(),
+            mean.tolist(),
+            std.tolist(),
+            z.tolist(),
+            score.tolist(),
+            anomaly.tolist(),
+            strict=True,
+        )
+    ):
         fields = f"value={v!r}"
         if not math.isnan(m):
             fields += f",mean={m!r},std={s!r}"

@@ -56,9 +56,12 @@ class IngestProcess:
     def start(self, wait_healthy: bool = True) -> IngestProcess:
         log = open(self.log_path, "ab")  # noqa: SIM115 - owned by the child process
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "ingest", "run"], env=self.env, cwd=REPO,
-            stdout=log, stderr=subprocess.STDOUT,
-        )  # fmt: skip
+            [sys.executable, "-m", "ingest", "run"],
+            env=self.env,
+            cwd=REPO,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
         log.close()
         if wait_healthy:
             assert wait_for(self.healthy, 60), f"ingest did not become healthy:\n{self.log()}"
@@ -131,16 +134,18 @@ def victoria() -> str:
 def ingest_env(unique: str, mqtt_broker: str) -> dict[str, str]:
     """Environment for an ingest process with this test's own prefix and client id."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("INGEST_")}
-    env.update({
-        "INGEST_MQTT_URL": mqtt_broker,
-        "INGEST_CLIENT_ID": f"ingest-test-{unique}",
-        "INGEST_TOPIC_PREFIX": f"test-{unique}",
-        "INGEST_MQTT_SESSION_EXPIRY": "300",
-        "INGEST_INFLUX_FLUSH_INTERVAL": "0.2",
-        "INGEST_INFLUX_RETRY_MAX": "2",
-        "INGEST_SERVICE_HEALTH_LISTEN": f"127.0.0.1:{free_port()}",
-        "INGEST_SERVICE_LOG_LEVEL": "INFO",
-    })  # fmt: skip
+    env.update(
+        {
+            "INGEST_MQTT_URL": mqtt_broker,
+            "INGEST_CLIENT_ID": f"ingest-test-{unique}",
+            "INGEST_TOPIC_PREFIX": f"test-{unique}",
+            "INGEST_MQTT_SESSION_EXPIRY": "300",
+            "INGEST_INFLUX_FLUSH_INTERVAL": "0.2",
+            "INGEST_INFLUX_RETRY_MAX": "2",
+            "INGEST_SERVICE_HEALTH_LISTEN": f"127.0.0.1:{free_port()}",
+            "INGEST_SERVICE_LOG_LEVEL": "INFO",
+        }
+    )
     return env
 
 

@@ -31,7 +31,7 @@ STEP_MS = 100
 def make_signals(
     rng: random.Random,
 ) -> tuple[dict[str, list[dict[str, object]]], set[tuple[str, str, int]]]:
-    """Per machine, 1,000 samples of 3 sensors; returns them and the (machine, sensor, ts) spikes."""
+    """1,000 samples of 3 sensors per machine, and the (machine, sensor, ts) of the spikes."""
     start = int(time.time() * 1000) - SAMPLES * STEP_MS - 60_000
     machines: dict[str, list[dict[str, object]]] = {}
     spikes: set[tuple[str, str, int]] = set()
@@ -105,8 +105,9 @@ def test_contract_client_end_to_end(
         if index % 2 == 0:  # one message per sample
             messages = [json.dumps(s).encode() for s in samples]
         else:  # batches of 50 samples
-            messages = [json.dumps({"samples": samples[i : i + 50]}).encode()
-                        for i in range(0, SAMPLES, 50)]  # fmt: skip
+            messages = [
+                json.dumps({"samples": samples[i : i + 50]}).encode() for i in range(0, SAMPLES, 50)
+            ]
         for j, payload in enumerate(messages):
             infos.append(client.publish(topic, payload, qos=1))
             if j % 97 == 0:
@@ -134,9 +135,12 @@ def test_contract_client_end_to_end(
     flagged_spikes = 0
     normal_flagged = normal = 0
     for name in machines:
-        rows = influx_rows(INFLUX_URL, influx_db,
-                           f"SELECT value, anomaly, score FROM telemetry WHERE \"device\" = '{name}' "
-                           f'AND {where} GROUP BY "sensor"')  # fmt: skip
+        rows = influx_rows(
+            INFLUX_URL,
+            influx_db,
+            f"SELECT value, anomaly, score FROM telemetry WHERE \"device\" = '{name}' "
+            f'AND {where} GROUP BY "sensor"',
+        )
         assert len(rows) == SAMPLES * len(SENSORS)
         for row in rows:
             assert 0.0 <= (row["score"] if row["score"] is not None else 0.0) < 1.0
@@ -154,8 +158,12 @@ def test_contract_client_end_to_end(
     assert normal_flagged / normal < 0.01
 
     # Only the valid identifiers made series.
-    for tag, allowed in (("device", set(machines)), ("sensor", set(SENSORS)),
-                         ("site", {site}), ("line", {"lineA"})):  # fmt: skip
+    for tag, allowed in (
+        ("device", set(machines)),
+        ("sensor", set(SENSORS)),
+        ("site", {site}),
+        ("line", {"lineA"}),
+    ):
         series = influx_v1_query(INFLUX_URL, influx_db, f'SHOW TAG VALUES WITH KEY = "{tag}"')
         values = {v[1] for s in series for v in s.get("values", [])}
         assert values == allowed, (tag, values - allowed)

@@ -11,7 +11,6 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
-
 import paho.mqtt.client as paho
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
@@ -42,8 +41,14 @@ def _reference_flags(fleet: Fleet, seconds: float) -> set[tuple[str, str, int]]:
                 rows.append(keys.setdefault((batch.device, sensor), len(keys)))
                 ts.append(sample["ts"])
                 values.append(value)
-    out = rolling_zscore_naive(np.array(rows), np.array(ts), np.array(values),
-                               defaults.window, defaults.warmup, defaults.threshold)  # fmt: skip
+    out = rolling_zscore_naive(
+        np.array(rows),
+        np.array(ts),
+        np.array(values),
+        defaults.window,
+        defaults.warmup,
+        defaults.threshold,
+    )
     names = {row: key for key, row in keys.items()}
     return {(*names[r], t) for r, t, a in zip(rows, ts, out["anomaly"], strict=True) if a}
 
@@ -56,8 +61,14 @@ def test_simulated_fleet_lands_exactly_in_influxdb(
     prefix = env["INGEST_TOPIC_PREFIX"]
     fleet = _fleet(6, 120, seed=7, fault_rate=1.0, faults=("spike",))
     t0 = time.monotonic()
-    stats = run_fleet("mqtt://127.0.0.1:1883", prefix=prefix, fleet=fleet, duration_s=120,
-                      batch=20, realtime=False)  # fmt: skip
+    stats = run_fleet(
+        "mqtt://127.0.0.1:1883",
+        prefix=prefix,
+        fleet=fleet,
+        duration_s=120,
+        batch=20,
+        realtime=False,
+    )
     assert stats.readings > 0
     assert wait_for(
         lambda: influx_count(INFLUX_URL, influx_db, "telemetry") >= stats.readings, 60
@@ -69,19 +80,23 @@ def test_simulated_fleet_lands_exactly_in_influxdb(
     flagged = {
         (r["device"], r["sensor"], r["time"])
         for r in influx_rows(
-            INFLUX_URL, influx_db,
+            INFLUX_URL,
+            influx_db,
             'SELECT value FROM telemetry WHERE anomaly = true GROUP BY "device", "sensor"',
         )
-    }  # fmt: skip
+    }
     # The flags in the database are exactly those of the slow reference detector run
     # over the same (deterministic) signal: nothing lost, reordered or mis-keyed on the way.
-    expected = _reference_flags(_fleet(6, 120, seed=7, fault_rate=1.0, faults=("spike",),
-                                       start_ms=fleet.start_ms), 120)  # fmt: skip
+    expected = _reference_flags(
+        _fleet(6, 120, seed=7, fault_rate=1.0, faults=("spike",), start_ms=fleet.start_ms), 120
+    )
     assert flagged == expected
     spikes = [lab for lab in fleet.labels if lab.kind == "spike"]
     found = [lab for lab in spikes if (lab.device, lab.sensor, lab.start_ms) in flagged]
-    print(f"\n{stats.readings} readings in {elapsed:.1f} s; {len(flagged)} flagged; "
-          f"spikes flagged {len(found)}/{len(spikes)}")  # fmt: skip
+    print(
+        f"\n{stats.readings} readings in {elapsed:.1f} s; {len(flagged)} flagged; "
+        f"spikes flagged {len(found)}/{len(spikes)}"
+    )
     assert spikes and found
 
     # Birth and offline messages became device_status points.
@@ -109,16 +124,25 @@ def test_v2_write_path_lands_in_victoriametrics(
     ingest = start_ingest(env)
     site = f"vm{unique}"
     fleet = _fleet(3, 60, seed=3, site=site, fault_rate=0.0)
-    stats = run_fleet("mqtt://127.0.0.1:1883", prefix=env["INGEST_TOPIC_PREFIX"], fleet=fleet,
-                      duration_s=60, batch=50, realtime=False)  # fmt: skip
+    stats = run_fleet(
+        "mqtt://127.0.0.1:1883",
+        prefix=env["INGEST_TOPIC_PREFIX"],
+        fleet=fleet,
+        duration_s=60,
+        batch=50,
+        realtime=False,
+    )
     match = f'{{__name__="telemetry_value",site="{site}"}}'
     assert wait_for(lambda: vm_count_points(victoria, match) >= stats.readings, 60), ingest.log()
     time.sleep(0.5)
     assert vm_count_points(victoria, match) == stats.readings
     series = vm_export(victoria, f'{{__name__="telemetry_score",site="{site}"}}')
     assert {s["metric"]["sensor"] for s in series} == {
-        "spindle_temp", "vibration_rms", "motor_current", "coolant_pressure"
-    }  # fmt: skip
+        "spindle_temp",
+        "vibration_rms",
+        "motor_current",
+        "coolant_pressure",
+    }
     assert ingest.stop() == 0
 
 
@@ -126,16 +150,22 @@ def test_sigterm_flushes_and_exits_zero(
     ingest_env: dict[str, str], influx_db: str, start_ingest: Callable[..., IngestProcess]
 ) -> None:
     # A long flush interval: the points are still pending when SIGTERM arrives.
-    env = {**ingest_env, "INGEST_INFLUX_URL": INFLUX_URL, "INGEST_INFLUX_DATABASE": influx_db,
-           "INGEST_INFLUX_FLUSH_INTERVAL": "30", "INGEST_INFLUX_BATCH_SIZE": "100000"}  # fmt: skip
+    env = {
+        **ingest_env,
+        "INGEST_INFLUX_URL": INFLUX_URL,
+        "INGEST_INFLUX_DATABASE": influx_db,
+        "INGEST_INFLUX_FLUSH_INTERVAL": "30",
+        "INGEST_INFLUX_BATCH_SIZE": "100000",
+    }
     ingest = start_ingest(env)
     client = paho.Client(CallbackAPIVersion.VERSION2)
     client.connect("127.0.0.1", 1883)
     client.loop_start()
     now = int(time.time() * 1000)
     topic = f"{env['INGEST_TOPIC_PREFIX']}/s1/l1/d1/telemetry"
-    payload = json.dumps({"samples": [{"ts": now - 1000 + i, "values": {"a": float(i)}}
-                                      for i in range(500)]})  # fmt: skip
+    payload = json.dumps(
+        {"samples": [{"ts": now - 1000 + i, "values": {"a": float(i)}} for i in range(500)]}
+    )
     client.publish(topic, payload, qos=1).wait_for_publish(10)
     assert wait_for(lambda: ingest.metrics()["ingest_readings_accepted_total"] == 500, 10)
     assert influx_count(INFLUX_URL, influx_db, "telemetry") == 0
@@ -156,8 +186,15 @@ def test_sigterm_flushes_and_exits_zero(
     ],
 )
 def test_wrong_setting_fails_with_one_line(env: dict[str, str], words: str) -> None:
-    proc = subprocess.run([sys.executable, "-m", "ingest", "run"], env={**env, "PATH": "/usr/bin"},
-                          cwd=REPO, capture_output=True, text=True, timeout=60)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-m", "ingest", "run"],
+        env={**env, "PATH": "/usr/bin"},
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("ingest: error:") and words in lines[0], lines
