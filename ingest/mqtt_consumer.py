@@ -67,6 +67,7 @@ class MqttSource:
         self._connected = threading.Event()
         self.generation = 0
         self.fatal: str | None = None
+        self._stopping = False
         self.last_message_at = 0.0
         self.client = make_client(
             self.url,
@@ -130,7 +131,10 @@ class MqttSource:
     ) -> None:
         self._connected.clear()
         self.metrics.set("mqtt_connected", 0.0)
-        log.warning("disconnected from %s: %s; reconnecting", self.url.redacted(), reason)
+        if self._stopping:
+            log.info("disconnected from %s", self.url.redacted())
+        else:
+            log.warning("disconnected from %s: %s; reconnecting", self.url.redacted(), reason)
 
     def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
         if msg.topic.startswith(self._rejected_prefix):
@@ -194,6 +198,7 @@ class MqttSource:
         return self.client.publish(topic, payload, qos=qos)
 
     def stop(self) -> None:
+        self._stopping = True
         try:
             self.client.disconnect()
         finally:
