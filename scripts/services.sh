@@ -62,6 +62,9 @@ ensure_packages() {
     command -v influxd >/dev/null 2>&1 || pkgs+=(influxdb)
     command -v victoria-metrics >/dev/null 2>&1 || pkgs+=(victoria-metrics)
     command -v mosquitto >/dev/null 2>&1 || [[ -x /usr/sbin/mosquitto ]] || pkgs+=(mosquitto)
+    # mosquitto_passwd / mosquitto_sub (auth and healthcheck tests), openssl (TLS test)
+    command -v mosquitto_sub >/dev/null 2>&1 || pkgs+=(mosquitto-clients)
+    command -v openssl >/dev/null 2>&1 || pkgs+=(openssl)
     ((${#pkgs[@]})) || return 0
     log "installing: ${pkgs[*]}"
     export DEBIAN_FRONTEND=noninteractive
