@@ -51,6 +51,9 @@ class MqttSettings(_Section):
     cert_file: str | None = None
     key_file: str | None = None
     tls_insecure: bool = False
+    #: Seconds without any message while connected before the subscription is renewed
+    #: (then the connection); 0 disables the watchdog.
+    stall_timeout: Annotated[float, Field(ge=0)] = 300.0
     reconnect_min_delay: Annotated[float, Field(gt=0)] = 0.5
     reconnect_max_delay: Annotated[float, Field(gt=0)] = 30.0
     #: Where rejected payloads go: an MQTT topic under <prefix>/_rejected/,
@@ -147,6 +150,16 @@ class LimitSettings(_Section):
         )
 
 
+class SpoolSettings(_Section):
+    #: Folder of the on-disk spool; empty disables it (a database outage then only
+    #: holds acknowledgements back, and the broker's queue limit applies).
+    dir: str = "ingest-spool"
+    #: Spool a batch after its writes have failed for this long (s).
+    after: Annotated[float, Field(ge=0)] = 10.0
+    max_bytes: Annotated[int, Field(ge=1 << 20)] = 1 << 30
+    segment_bytes: Annotated[int, Field(ge=4096)] = 16 << 20
+
+
 class ServiceSettings(_Section):
     #: host:port of the /healthz and /metrics endpoint; empty disables it.
     health_listen: str = "127.0.0.1:9108"
@@ -171,6 +184,7 @@ class Settings(_Section):
     influx: InfluxSettings = InfluxSettings()
     processing: ProcessingSettings = ProcessingSettings()
     limits: LimitSettings = LimitSettings()
+    spool: SpoolSettings = SpoolSettings()
     service: ServiceSettings = ServiceSettings()
 
 
@@ -179,6 +193,7 @@ SECTIONS: dict[str, type[_Section]] = {
     "influx": InfluxSettings,
     "processing": ProcessingSettings,
     "limits": LimitSettings,
+    "spool": SpoolSettings,
     "service": ServiceSettings,
 }
 

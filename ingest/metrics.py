@@ -22,6 +22,9 @@ COUNTERS = {
     "lines_dead_lettered": "points the database refused, sent to the dead letter",
     "reconnects": "MQTT (re)connections",
     "dead_letters_failed": "dead letters that could not be delivered",
+    "batches_spooled": "batches written to the on-disk spool while the database was unavailable",
+    "batches_replayed": "spooled batches written to the database",
+    "stalls": "subscriptions renewed by the stall watchdog",
 }
 
 
@@ -38,6 +41,9 @@ class Metrics:
             "streams": 0.0,
             "last_write_unixtime": 0.0,
             "write_latency_seconds": 0.0,
+            "spool_batches": 0.0,
+            "spool_bytes": 0.0,
+            "spool_full": 0.0,
         }
         self.started = time.time()
 

@@ -67,6 +67,8 @@ class MqttSource:
         self._connected = threading.Event()
         self.generation = 0
         self.fatal: str | None = None
+        self.connected_at = 0.0
+        self.renewals = 0  # watchdog renewals since the last message
         self._stopping = False
         self.last_message_at = 0.0
         self.client = make_client(
@@ -106,12 +108,9 @@ class MqttSource:
                     self._cond.notify_all()
             return
         self.generation += 1
+        self.connected_at = time.time()
         self.metrics.inc("reconnects")
-        if self.settings.protocol == "5":
-            options = SubscribeOptions(qos=1, noLocal=True)
-            client.subscribe(self.subscription, options=options)
-        else:
-            client.subscribe(self.subscription, qos=1)
+        self._subscribe()
         log.info(
             "connected to %s (session present: %s), subscribed to %s",
             self.url.redacted(),
@@ -120,6 +119,13 @@ class MqttSource:
         )
         self.metrics.set("mqtt_connected", 1.0)
         self._connected.set()
+
+    def _subscribe(self) -> None:
+        if self.settings.protocol == "5":
+            options = SubscribeOptions(qos=1, noLocal=True)
+            self.client.subscribe(self.subscription, options=options)
+        else:
+            self.client.subscribe(self.subscription, qos=1)
 
     def _on_disconnect(
         self,
@@ -144,6 +150,7 @@ class MqttSource:
             return
         now = time.time()
         self.last_message_at = now
+        self.renewals = 0
         item = Received(msg.topic, bytes(msg.payload), now, msg.mid, msg.qos, self.generation)
         with self._cond:
             self._queue.append(item)
@@ -162,6 +169,22 @@ class MqttSource:
             self.url.host, self.url.port, keepalive=s.keepalive, clean_start=False, properties=props
         )
         self.client.loop_start()
+
+    def resubscribe(self) -> None:
+        self.renewals += 1
+        self.connected_at = time.time()
+        self._subscribe()
+
+    def reconnect(self) -> None:
+        """Drop the connection and open a new one (the session is kept)."""
+        self.renewals += 1
+        self.connected_at = time.time()
+        self.client.loop_stop()
+        try:
+            self.client.disconnect()
+        finally:
+            self._connected.clear()
+            self.start()
 
     def wait_connected(self, timeout: float) -> bool:
         return self._connected.wait(timeout)

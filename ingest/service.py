@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import queue
+import random
 import threading
 import time
 
@@ -17,7 +18,8 @@ from ingest.processing.detectors import ZScoreParams
 from ingest.sinks.base import Sink, WriteError
 from ingest.sinks.file import LineProtocolFileSink
 from ingest.sinks.influx import InfluxV1Sink, InfluxV2Sink
-from ingest.writer import BatchWriter
+from ingest.spool import Spool, SpoolFullError
+from ingest.writer import BatchWriter, WriteResult
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +82,8 @@ class IngestService:
         self.reject_log = RateLimitedLog(logging.getLogger("ingest.rejects"))
         self.health: HealthServer | None = None
         self._last_write_ok = True
+        self._spool_full = False
+        self.spool: Spool | None = None  # opened in start()
         self.exit_reason = ""
         self._write_queue: queue.Queue[tuple[list[str], list[Received]] | None] = queue.Queue(
             WRITE_QUEUE
@@ -114,7 +118,9 @@ class IngestService:
         """None when healthy, else why not (for /healthz)."""
         if not self.source.connected:
             return "MQTT broker not connected"
-        if not self._last_write_ok:
+        if self._spool_full:
+            return "spool full: acknowledgements held back until the database answers"
+        if not self._last_write_ok and not self.spool:
             return "database writes failing"
         return None
 
@@ -132,6 +138,10 @@ class IngestService:
         """Open the sink, compile kernels, connect. Raises WriteError if the sink cannot open."""
         svc = self.settings.service
         self.processor.warm_up()
+        sp = self.settings.spool
+        if sp.dir:
+            self.spool = Spool(sp.dir, max_bytes=sp.max_bytes, segment_bytes=sp.segment_bytes)
+            self._spool_gauges()
         self.sink.open()
         if svc.health_listen:
             self.health = HealthServer(svc.health_listen, self.metrics, self.health_problem)
@@ -178,6 +188,7 @@ class IngestService:
                     break
                 if not writer.is_alive():
                     break
+                self._watchdog()
                 wait = flush_interval
                 if pending_msgs:
                     wait = max(0.0, first_pending + flush_interval - time.monotonic())
@@ -212,9 +223,29 @@ class IngestService:
                 )
             self.source.stop()
             self.sink.close()
+            if self.spool is not None:
+                self.spool.close()
             if self.health:
                 self.health.stop()
         return code
+
+    def _watchdog(self) -> None:
+        """Renew a subscription that has gone quiet while connected (a broker that lost
+        it, a half-open connection): resubscribe first, reconnect if that did not help."""
+        timeout = self.settings.mqtt.stall_timeout
+        src = self.source
+        if not timeout or not src.connected:
+            return
+        quiet = time.time() - max(src.last_message_at, src.connected_at)
+        if quiet < timeout:
+            return
+        self.metrics.inc("stalls")
+        if src.renewals == 0:
+            log.warning("no message for %.0f s while connected: resubscribing", quiet)
+            src.resubscribe()
+        else:
+            log.warning("still no message %.0f s after resubscribing: reconnecting", quiet)
+            src.reconnect()
 
     def _process(self, msgs: list[Received]) -> list[str]:
         result = self.processor.process([(m.topic, m.payload, m.received) for m in msgs])
@@ -237,29 +268,111 @@ class IngestService:
                     return
 
     def _write_loop(self) -> None:
-        """Writer thread: write each batch, make its dead letters safe, then acknowledge."""
+        """Writer thread: write each batch, make its dead letters safe, then acknowledge.
+
+        While batches wait in the spool, new batches go behind them (order is kept)
+        and the oldest spooled batch is retried with backoff.
+        """
+        spool = self.spool
+        spool_after = self.settings.spool.after
+        retry_initial, retry_max = (
+            self.settings.influx.retry_initial,
+            self.settings.influx.retry_max,
+        )
+        delay, next_drain = retry_initial, 0.0
         while True:
-            item = self._write_queue.get()
-            if item is None:
-                return
-            lines, msgs = item
-            t0 = time.monotonic()
-            ok = self.writer.write(lines)
-            self._last_write_ok = ok
-            if not ok:
-                log.warning("writes abandoned at the shutdown deadline")
-                return  # later batches must not be acknowledged before this one
+            wait = 0.5
+            if spool:
+                wait = min(wait, max(0.0, next_drain - time.monotonic()))
+            try:
+                item = self._write_queue.get(timeout=wait)
+            except queue.Empty:
+                item, idle = None, True
+            else:
+                idle = False
+            if item is None and not idle:
+                return  # shutdown; whatever is spooled stays on disk for the next start
+            if item is not None:
+                lines, msgs = item
+                if spool:  # keep the order: behind what is already spooled
+                    result = self._to_spool(lines)
+                else:
+                    give_up = spool_after if spool is not None else None
+                    result = self._timed_write(lines, give_up)
+                    if result is WriteResult.GAVE_UP:
+                        log.warning(
+                            "database unavailable for %.0f s: spooling to disk", spool_after
+                        )
+                        result = self._to_spool(lines)
+                        delay, next_drain = retry_initial, time.monotonic() + retry_initial
+                if result is WriteResult.STOPPED:
+                    log.warning("writes abandoned at the shutdown deadline")
+                    return  # later batches must not be acknowledged before this one
+                self._settle(msgs)
+            if spool and time.monotonic() >= next_drain:
+                if self._drain_one() is WriteResult.WRITTEN:
+                    delay, next_drain = retry_initial, 0.0
+                    if not spool:
+                        log.info("spool drained: writing directly again")
+                else:
+                    next_drain = time.monotonic() + delay * random.uniform(0.8, 1.2)
+                    delay = min(delay * 2, retry_max)
+
+    def _timed_write(self, lines: list[str], give_up_after: float | None) -> WriteResult:
+        t0 = time.monotonic()
+        result = self.writer.write(lines, give_up_after)
+        self._last_write_ok = result is WriteResult.WRITTEN
+        if self._last_write_ok:
             self.metrics.inc("points_written", len(lines))
             self.metrics.set("write_latency_seconds", time.monotonic() - t0)
             self.metrics.set("last_write_unixtime", time.time())
-            if self.dead_letter.flush(timeout=10.0):
-                self.source.ack(msgs)
-            else:
-                self.metrics.inc("dead_letters_failed")
-                log.warning(
-                    "dead letters not confirmed by the broker; leaving %d messages "
-                    "unacknowledged for redelivery",
-                    len(msgs),
-                )
-            self._done += len(msgs)
-            self.metrics.set("pending_messages", self._handed - self._done)
+        return result
+
+    def _to_spool(self, lines: list[str]) -> WriteResult:
+        """Durably spool a batch; when the spool is full, fall back to waiting for the database."""
+        assert self.spool is not None
+        try:
+            self.spool.append(lines)
+        except SpoolFullError as exc:
+            self._spool_full = True
+            self.metrics.set("spool_full", 1.0)
+            self.reject_log.warning(
+                "spool_full", "%s: holding acknowledgements until the database answers", exc
+            )
+            return self._timed_write(lines, None)
+        self._spool_full = False
+        self.metrics.set("spool_full", 0.0)
+        self.metrics.inc("batches_spooled")
+        self._spool_gauges()
+        return WriteResult.WRITTEN
+
+    def _drain_one(self) -> WriteResult:
+        assert self.spool is not None
+        lines = self.spool.peek()
+        if lines is None:
+            return WriteResult.WRITTEN
+        result = self._timed_write(lines, 0.0)
+        if result is WriteResult.WRITTEN:
+            self.spool.consume()
+            self.metrics.inc("batches_replayed")
+            self._spool_gauges()
+        return result
+
+    def _spool_gauges(self) -> None:
+        assert self.spool is not None
+        self.metrics.set("spool_batches", self.spool.pending)
+        self.metrics.set("spool_bytes", self.spool.size_bytes)
+
+    def _settle(self, msgs: list[Received]) -> None:
+        """Acknowledge a stored batch once its dead letters are safe with the broker."""
+        if self.dead_letter.flush(timeout=10.0):
+            self.source.ack(msgs)
+        else:
+            self.metrics.inc("dead_letters_failed")
+            log.warning(
+                "dead letters not confirmed by the broker; leaving %d messages "
+                "unacknowledged for redelivery",
+                len(msgs),
+            )
+        self._done += len(msgs)
+        self.metrics.set("pending_messages", self._handed - self._done)

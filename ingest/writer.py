@@ -2,24 +2,32 @@
 
 from __future__ import annotations
 
+import enum
 import logging
 import random
 import threading
+import time
 from collections.abc import Callable, Sequence
 
-from ingest.metrics import Metrics
+from ingest.metrics import Metrics, RateLimitedLog
 from ingest.sinks.base import Sink, WriteError
 
 log = logging.getLogger(__name__)
 
 
+class WriteResult(enum.Enum):
+    WRITTEN = "written"  # every line stored or dead-lettered
+    GAVE_UP = "gave_up"  # still failing when the caller's time bound ran out
+    STOPPED = "stopped"  # the stop event was set while retrying
+
+
 class BatchWriter:
-    """``write(lines)`` returns True once every line is stored or dead-lettered.
+    """Writes a batch of lines to a sink and says how it went.
 
     * A transient failure (network, 5xx, 429, auth) is retried with exponential
-      backoff and jitter, honouring ``Retry-After``, until it succeeds or
-      ``stop`` is set (then ``write`` returns False and nothing is acknowledged,
-      so the broker redelivers).
+      backoff and jitter, honouring ``Retry-After``, until it succeeds, until
+      ``give_up_after`` seconds have passed (the caller then spools the batch),
+      or until ``stop`` is set (nothing is acknowledged: the broker redelivers).
     * A content error (400/413/422) is never a reason to drop a batch: the batch
       is split in halves until the refused lines are alone; those go to the
       dead letter with the server's reason, every other line is written.
@@ -41,34 +49,48 @@ class BatchWriter:
         self.retry_initial = retry_initial
         self.retry_max = retry_max
         self.stop = stop or threading.Event()
+        self._log = RateLimitedLog(log, burst=3, period=30.0)
 
-    def write(self, lines: Sequence[str]) -> bool:
+    def write(self, lines: Sequence[str], give_up_after: float | None = None) -> WriteResult:
         if not lines:
-            return True
+            return WriteResult.WRITTEN
+        deadline = None if give_up_after is None else time.monotonic() + give_up_after
         delay = self.retry_initial
         while True:
             try:
                 self.sink.write(lines)
-                return True
+                return WriteResult.WRITTEN
             except WriteError as exc:
                 self.metrics.inc("write_failures")
                 if not exc.retryable:
-                    return self._isolate(lines, exc)
+                    return self._isolate(lines, exc, give_up_after)
                 wait = exc.retry_after if exc.retry_after is not None else delay
                 wait = min(wait, self.retry_max) * random.uniform(0.8, 1.2)
-                log.warning(
-                    "write of %d points failed, retrying in %.1f s: %s", len(lines), wait, exc
+                if deadline is not None and time.monotonic() + wait > deadline:
+                    self._log.warning("gave_up", "write of %d points failed: %s", len(lines), exc)
+                    return WriteResult.GAVE_UP
+                self._log.warning(
+                    "retry",
+                    "write of %d points failed, retrying in %.1f s: %s",
+                    len(lines),
+                    wait,
+                    exc,
                 )
                 self.metrics.inc("write_retries")
                 if self.stop.wait(wait):
-                    return False
+                    return WriteResult.STOPPED
                 delay = min(delay * 2, self.retry_max)
 
-    def _isolate(self, lines: Sequence[str], exc: WriteError) -> bool:
+    def _isolate(
+        self, lines: Sequence[str], exc: WriteError, give_up_after: float | None
+    ) -> WriteResult:
         if len(lines) == 1:
             log.warning("database refused a point, dead-lettered: %s | %s", exc, lines[0][:200])
             self.metrics.inc("lines_dead_lettered")
             self.on_refused(lines[0], str(exc))
-            return True
+            return WriteResult.WRITTEN
         mid = len(lines) // 2
-        return self.write(lines[:mid]) and self.write(lines[mid:])
+        first = self.write(lines[:mid], give_up_after)
+        if first is not WriteResult.WRITTEN:
+            return first
+        return self.write(lines[mid:], give_up_after)

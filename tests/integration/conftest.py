@@ -131,7 +131,7 @@ def victoria() -> str:
 
 
 @pytest.fixture
-def ingest_env(unique: str, mqtt_broker: str) -> dict[str, str]:
+def ingest_env(unique: str, mqtt_broker: str, tmp_path: Path) -> dict[str, str]:
     """Environment for an ingest process with this test's own prefix and client id."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("INGEST_")}
     env.update(
@@ -144,6 +144,7 @@ def ingest_env(unique: str, mqtt_broker: str) -> dict[str, str]:
             "INGEST_INFLUX_RETRY_MAX": "2",
             "INGEST_SERVICE_HEALTH_LISTEN": f"127.0.0.1:{free_port()}",
             "INGEST_SERVICE_LOG_LEVEL": "INFO",
+            "INGEST_SPOOL_DIR": str(tmp_path / "spool"),
         }
     )
     return env
