@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import json
+import time
+
 import numpy as np
 import pytest
 
+from devices.contract import DEFAULT_LIMITS
+from ingest.pipeline import Processor
+from ingest.processing.detectors import ZScoreParams
 from ingest.sinks.lineprotocol import escape_tag, status_line, telemetry_lines, telemetry_series
 
 
@@ -48,3 +54,15 @@ def test_status_line() -> None:
         status_line("s", "l", "d", False, 5)
         == "device_status,device=d,line=l,site=s online=false 5"
     )
+
+
+def test_field_types_never_flip() -> None:
+    """An integer JSON value is written as a float: the series' type cannot change."""
+    proc = Processor("f", DEFAULT_LIMITS, ZScoreParams(), 10)
+    now = int(time.time() * 1000)
+    payloads = [
+        json.dumps({"ts": now + i, "seq": i, "values": {"a": 5}}).encode() for i in range(3)
+    ]
+    lines = proc.process([("f/s/l/d/telemetry", p, time.time()) for p in payloads]).lines
+    assert " value=5.0,z=0.0,score=0.0,anomaly=false,seq=0i " in lines[0]
+    assert " value=5.0,mean=5.0,std=0.0,z=0.0,score=0.0,anomaly=false,seq=2i " in lines[2]
