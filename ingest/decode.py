@@ -253,9 +253,9 @@ class Decoder:
         now_ms = int(time.time() * 1000)
         latest = now_ms + limits.max_future_ms
         device = (parts.site, parts.line, parts.device)
-        sensor_rows = self._rows.get(device)
-        if sensor_rows is None:
-            sensor_rows = self._rows[device] = {}
+        # Registered in self._rows only once it holds a stream (see _new_row), so
+        # messages that create no stream leave no state behind.
+        sensor_rows = self._rows.get(device) or {}
         single = len(samples) == 1
         for index, sample in samples:
             ts = sample.ts_ms
@@ -318,6 +318,7 @@ class Decoder:
         row = sensor_rows.get(sensor)
         if row is None:
             row = sensor_rows[sensor] = self.registry.row((*device, sensor))
+            self._rows[device] = sensor_rows
         return row
 
 

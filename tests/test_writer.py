@@ -74,3 +74,32 @@ def test_gives_up_after_the_bound() -> None:
     assert writer.write(["a"], give_up_after=0.3) is WriteResult.GAVE_UP
     assert writer.write(["a"], give_up_after=0) is WriteResult.GAVE_UP
     assert 2 <= sink.calls <= 10
+
+
+class RecordingStop(threading.Event):
+    """A stop event that records how long the writer asked to wait, without waiting."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.waits: list[float] = []
+
+    def wait(self, timeout: float | None = None) -> bool:
+        self.waits.append(timeout or 0.0)
+        return False
+
+
+def test_retry_after_is_honoured_and_backoff_grows() -> None:
+    stop = RecordingStop()
+    sink = FlakySink(fail_first=2, retry_after=7.0)
+    writer = BatchWriter(sink, Metrics(), lambda line, why: None, retry_max=30.0, stop=stop)
+    assert writer.write(["a"]) is WriteResult.WRITTEN
+    assert all(7.0 * 0.8 <= w <= 7.0 * 1.2 for w in stop.waits) and len(stop.waits) == 2
+
+    stop = RecordingStop()
+    sink = FlakySink(fail_first=6, retry_after=None)
+    writer = BatchWriter(
+        sink, Metrics(), lambda line, why: None, retry_initial=1.0, retry_max=8.0, stop=stop
+    )
+    assert writer.write(["a"]) is WriteResult.WRITTEN
+    nominal = [1.0, 2.0, 4.0, 8.0, 8.0, 8.0]
+    assert all(n * 0.8 <= w <= n * 1.2 for n, w in zip(nominal, stop.waits, strict=True))
