@@ -154,8 +154,9 @@ class SpoolSettings(_Section):
     #: Folder of the on-disk spool; empty disables it (a database outage then only
     #: holds acknowledgements back, and the broker's queue limit applies).
     dir: str = "ingest-spool"
-    #: Spool a batch after its writes have failed for this long (s).
-    after: Annotated[float, Field(ge=0)] = 10.0
+    #: Spool a batch after its writes have failed for this long (s); keep it below
+    #: service.shutdown_timeout so a shutdown during an outage still spools.
+    after: Annotated[float, Field(ge=0)] = 5.0
     max_bytes: Annotated[int, Field(ge=1 << 20)] = 1 << 30
     segment_bytes: Annotated[int, Field(ge=4096)] = 16 << 20
 

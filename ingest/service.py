@@ -297,7 +297,9 @@ class IngestService:
                 if spool:  # keep the order: behind what is already spooled
                     result = self._to_spool(lines)
                 else:
-                    give_up = spool_after if spool is not None else None
+                    give_up = None
+                    if spool is not None:  # spool at once when shutting down
+                        give_up = 0.0 if self.stop_event.is_set() else spool_after
                     result = self._timed_write(lines, give_up)
                     if result is WriteResult.GAVE_UP:
                         log.warning(
