@@ -93,13 +93,17 @@ class Sample(BaseModel):
     seq: Annotated[int, Strict(), Field(ge=0, le=MAX_SEQ)] | None = Field(
         default=None, description="Optional device sequence number, written as an integer field."
     )
+    # The size limits are the service's (configurable) settings; the schema states the
+    # defaults so firmware authors see them.
     values: dict[Identifier, Reading] = Field(
         min_length=1,
-        max_length=DEFAULT_LIMITS.max_values_per_sample,
         description=(
             "Sensor name -> finite number (JSON number; booleans and strings are rejected)."
         ),
-        json_schema_extra={"additionalProperties": False},
+        json_schema_extra={
+            "additionalProperties": False,
+            "maxProperties": DEFAULT_LIMITS.max_values_per_sample,
+        },
     )
 
     @field_validator("ts", mode="before")
@@ -130,7 +134,7 @@ class Batch(BaseModel):
 
     samples: list[Sample] = Field(
         min_length=1,
-        max_length=DEFAULT_LIMITS.max_samples_per_message,
+        json_schema_extra={"maxItems": DEFAULT_LIMITS.max_samples_per_message},
         description="Samples in time order; each needs a ts when there is more than one.",
     )
 
@@ -188,14 +192,14 @@ def status_topic(prefix: str, site: str, line: str, device: str) -> str:
 def rejected_topic(prefix: str, topic: str) -> str:
     """Dead-letter topic for a message received on ``topic``.
 
-    ``<prefix>/_rejected/<rest of the original topic>``; a topic whose rest is
-    not made of valid identifiers goes to ``<prefix>/_rejected/_invalid_topic``.
+    ``<prefix>/_rejected/<site>/<line>/<device>/<kind>``; a topic outside the
+    contract goes to ``<prefix>/_rejected/_invalid_topic``.
     """
-    rest = topic[len(prefix) + 1 :] if topic.startswith(prefix + "/") else ""
-    parts = rest.split("/") if rest else []
-    if not parts or not all(IDENTIFIER_RE.match(p) for p in parts):
+    try:
+        parse_topic(prefix, topic)
+    except TopicError:
         return f"{prefix}/{REJECTED_SEGMENT}/_invalid_topic"
-    return f"{prefix}/{REJECTED_SEGMENT}/{rest}"
+    return f"{prefix}/{REJECTED_SEGMENT}/{topic[len(prefix) + 1 :]}"
 
 
 class TopicError(ValueError):

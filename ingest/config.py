@@ -167,6 +167,9 @@ class ServiceSettings(_Section):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     #: Longest a SIGTERM/SIGINT shutdown waits for the last write.
     shutdown_timeout: Annotated[float, Field(gt=0)] = 10.0
+    #: Bytes of received, not yet processed messages held in memory; past it the MQTT
+    #: network thread waits (TCP then pushes back on the broker).
+    max_queued_bytes: Annotated[int, Field(ge=1 << 20)] = 64 << 20
     #: Messages taken from the MQTT queue per processing step.
     max_batch_messages: Annotated[int, Field(ge=1)] = 2000
 

@@ -74,9 +74,14 @@ class DecodedBatch:
 
 
 def _first_error(exc: ValidationError) -> str:
-    err = exc.errors(include_url=False)[0]
+    errors = exc.errors(include_url=False)
+    # An unknown key next to a missing one is most likely a typo of it: name it first.
+    err = next((e for e in errors if e["type"] == "extra_forbidden"), errors[0])
     loc = ".".join(str(p) for p in err["loc"])
     msg = str(err["msg"]).removeprefix("Value error, ")
+    if err["type"] == "extra_forbidden":
+        missing = [".".join(map(str, e["loc"])) for e in errors if e["type"] == "missing"]
+        msg = "unknown key" + (f" (missing: {', '.join(missing)})" if missing else "")
     got = err.get("input")
     shown = ""
     if err["type"] not in ("missing", "extra_forbidden") and not isinstance(got, dict | list):
@@ -104,6 +109,12 @@ def parse_json(payload: bytes) -> Any:
         raise ValueError(
             f"invalid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}"
         ) from None
+    except ValueError:  # an integer literal of thousands of digits
+        raise ValueError("invalid JSON: a number with too many digits") from None
+
+
+#: Parsed topics kept (one per device and kind: ~300 bytes each at most).
+MAX_CACHED_TOPICS = 100_000
 
 
 class Decoder:
@@ -113,18 +124,20 @@ class Decoder:
         self.prefix = prefix
         self.limits = limits
         self.registry = registry
-        self._topics: dict[str, TopicParts | str] = {}
+        self._topics: dict[str, TopicParts] = {}
         # (site, line, device) -> {sensor: row}, to skip building tuples per reading.
         self._rows: dict[tuple[str, str, str], dict[str, int]] = {}
 
     def _topic(self, topic: str) -> TopicParts | str:
+        """Parsed topic, or the reason it is outside the contract. Only valid topics are
+        cached (their length is bounded by the identifier rules), and only so many."""
         parts = self._topics.get(topic)
         if parts is None:
             try:
                 parts = parse_topic(self.prefix, topic)
             except TopicError as exc:
-                parts = str(exc)
-            if len(self._topics) < 200_000:
+                return str(exc)
+            if len(self._topics) < MAX_CACHED_TOPICS:
                 self._topics[topic] = parts
         return parts
 
@@ -171,7 +184,9 @@ class Decoder:
         samples = self._samples(topic, payload, obj, out)
         if not samples:
             return
-        self._flatten(parts, topic, payload, samples, received, out)
+        raw = obj.get("samples")
+        single = not isinstance(raw, list) or len(raw) == 1
+        self._flatten(parts, topic, payload, samples, received, single, out)
 
     def _status(
         self,
@@ -188,6 +203,11 @@ class Decoder:
             out.rejections.append(Rejection(topic, "schema", _first_error(exc), payload))
             return
         ts = status.ts if status.ts is not None else int(received * 1000)
+        now_ms = int(time.time() * 1000)
+        if ts < self.limits.min_ts_ms or ts > now_ms + self.limits.max_future_ms:
+            reason = _ts_reason(0, ts, self.limits, now_ms).replace("samples.0.ts", "ts")
+            out.rejections.append(Rejection(topic, "ts_out_of_range", reason, payload))
+            return
         out.statuses.append(
             StatusUpdate(parts.site, parts.line, parts.device, status.state == "online", ts)
         )
@@ -247,8 +267,10 @@ class Decoder:
         payload: bytes,
         samples: list[tuple[int, Sample]],
         received: float,
+        single: bool,
         out: DecodedBatch,
     ) -> None:
+        """``single``: the message holds one sample (the only case where ts may be missing)."""
         limits = self.limits
         now_ms = int(time.time() * 1000)
         latest = now_ms + limits.max_future_ms
@@ -256,7 +278,6 @@ class Decoder:
         # Registered in self._rows only once it holds a stream (see _new_row), so
         # messages that create no stream leave no state behind.
         sensor_rows = self._rows.get(device) or {}
-        single = len(samples) == 1
         for index, sample in samples:
             ts = sample.ts_ms
             rx = ts is None

@@ -47,6 +47,8 @@ FATAL_CONNACK = {
 
 @dataclass(slots=True)
 class Received:
+    """A message until it is acknowledged; topic and payload are released once processed."""
+
     topic: str
     payload: bytes
     received: float  # epoch seconds
@@ -56,13 +58,17 @@ class Received:
 
 
 class MqttSource:
-    def __init__(self, settings: MqttSettings, metrics: Metrics) -> None:
+    def __init__(
+        self, settings: MqttSettings, metrics: Metrics, max_queued_bytes: int = 64 << 20
+    ) -> None:
         self.settings = settings
         self.metrics = metrics
         self.url = parse_mqtt_url(settings.url)
         self.subscription = f"{settings.topic_prefix}/#"
         self._rejected_prefix = f"{settings.topic_prefix}/{REJECTED_SEGMENT}/"
         self._queue: deque[Received] = deque()
+        self._queued_bytes = 0
+        self.max_queued_bytes = max_queued_bytes
         self._cond = threading.Condition()
         self._connected = threading.Event()
         self.generation = 0
@@ -152,9 +158,15 @@ class MqttSource:
         self.last_message_at = now
         self.renewals = 0
         item = Received(msg.topic, bytes(msg.payload), now, msg.mid, msg.qos, self.generation)
+        size = len(item.payload) + len(item.topic)
         with self._cond:
+            # Hold paho's network thread (and so the socket: TCP pushes back on the broker)
+            # while the messages waiting here exceed the byte bound.
+            while self._queued_bytes > self.max_queued_bytes and not self._stopping:
+                self._cond.wait(1.0)
             self._queue.append(item)
-            self._cond.notify()
+            self._queued_bytes += size
+            self._cond.notify_all()
 
     # -- service side --------------------------------------------------------------------
 
@@ -203,6 +215,8 @@ class MqttSource:
                 self._cond.wait(timeout)
             n = min(max_messages, len(self._queue))
             batch = [self._queue.popleft() for _ in range(n)]
+            self._queued_bytes -= sum(len(m.payload) + len(m.topic) for m in batch)
+            self._cond.notify_all()
         self.metrics.inc("messages_received", len(batch))
         return batch
 
@@ -222,6 +236,8 @@ class MqttSource:
 
     def stop(self) -> None:
         self._stopping = True
+        with self._cond:
+            self._cond.notify_all()
         try:
             self.client.disconnect()
         finally:

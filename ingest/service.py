@@ -69,7 +69,7 @@ class IngestService:
             on_readings,
         )
         self.sink = sink or build_sink(settings)
-        self.source = MqttSource(settings.mqtt, self.metrics)
+        self.source = MqttSource(settings.mqtt, self.metrics, settings.service.max_queued_bytes)
         self.dead_letter = self._build_dead_letter()
         self.writer = BatchWriter(
             self.sink,
@@ -249,6 +249,8 @@ class IngestService:
 
     def _process(self, msgs: list[Received]) -> list[str]:
         result = self.processor.process([(m.topic, m.payload, m.received) for m in msgs])
+        for m in msgs:  # only the packet id is needed until the acknowledgement
+            m.topic, m.payload = "", b""
         self._reject(result.rejections)
         self.metrics.inc("samples_accepted", result.samples)
         self.metrics.inc("readings_accepted", result.readings)

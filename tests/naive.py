@@ -31,6 +31,10 @@ def rolling_zscore_naive(
             out["std"][i] = arr.std()
         if math.isnan(x):
             continue
+        if abs(x) > 1e150:  # kernels.HUGE: flagged, never learned
+            out["score"][i] = 1.0
+            out["anomaly"][i] = True
+            continue
         if len(arr) >= 2:
             std = arr.std()
             floor = 1e-9 * abs(arr.mean()) + 1e-12

@@ -94,7 +94,7 @@ def test_batch_keeps_valid_samples_and_rejects_each_bad_one() -> None:
         (b'{"values": {}}', "schema", "at least 1"),
         (b'{"values": {"a": NaN}}', "schema", "finite"),
         (b'{"values": {"a": Infinity}}', "schema", "finite"),
-        (b'{"values": {"a": 1}, "extra": 1}', "schema", "extra"),
+        (b'{"values": {"a": 1}, "extra": 1}', "schema", "unknown key"),
         (b'{"ts": 99999999999999999999999, "values": {"a": 1}}', "schema", "64 bits"),
         (b'{"ts": 4102444800000, "values": {"a": 1}}', "ts_out_of_range", "ahead"),
         (b'{"ts": 1732600000123000000, "values": {"a": 1}}', "ts_out_of_range", "nanoseconds"),

@@ -106,3 +106,15 @@ def test_state_grows_with_new_streams() -> None:
     det.update(rows, np.ones(3, np.int64), np.ones(3))
     assert det.capacity >= 1001
     assert det.istate[1000, 0] == 1
+
+
+def test_huge_finite_values_are_flagged_and_not_learned() -> None:
+    values = np.array([1e308, -1e308] + [1.0 + (i % 5) * 0.1 for i in range(60)] + [1000.0])
+    n = len(values)
+    det = RollingZScore(ZScoreParams(window=30, warmup=10))
+    out = det.update(np.zeros(n, np.int64), np.arange(n, dtype=np.int64), values)
+    assert out.anomaly[:2].all() and (out.score[:2] == 1.0).all()
+    assert np.isfinite(out.mean[3:]).all() and np.isfinite(out.std[3:]).all()
+    assert out.anomaly[-1] and not out.anomaly[12:-1].any()
+    ref = rolling_zscore_naive(np.zeros(n, np.int64), np.arange(n), values, 30, 10, 4.0)
+    np.testing.assert_array_equal(out.anomaly, ref["anomaly"])

@@ -32,6 +32,9 @@ ZS_SINCE_RECOMPUTE = 2  # updates since the window was last summed exactly
 ZS_LAST_TS = 3  # newest timestamp learned (epoch ms); older samples are scored, not learned
 ZS_N_INT_COLS = 4
 
+#: Finite values beyond this magnitude would overflow the squared deviations: they are
+#: flagged (score 1) but never learned, so they cannot poison a stream's statistics.
+HUGE = 1e150
 #: Values closer than this (relative to the mean's magnitude) count as no spread.
 REL_STD_FLOOR = 1e-9
 ABS_STD_FLOOR = 1e-12
@@ -80,7 +83,8 @@ def rolling_zscore(
     update for a sliding window; every ``window`` updates the window is
     re-summed exactly and re-centred, which bounds rounding drift and keeps
     the cost O(1) amortised. A sample is flagged only once the stream has
-    ``warmup`` values. The standard deviation is the population one.
+    ``warmup`` values. The standard deviation is the population one. A value
+    beyond ``HUGE`` in magnitude is flagged with score 1 and not learned.
     """
     for i in range(values.shape[0]):
         r = rows[i]
@@ -97,6 +101,13 @@ def rolling_zscore(
             out_anomaly[i] = False
             continue
 
+        if abs(x) > HUGE:
+            out_mean[i] = mean + shift if count > 0 else math.nan
+            out_std[i] = math.sqrt(max(m2, 0.0) / count) if count > 0 else math.nan
+            out_z[i] = math.nan
+            out_score[i] = 1.0
+            out_anomaly[i] = True
+            continue
         if count == 0:
             shift = x
         xs = x - shift

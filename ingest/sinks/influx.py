@@ -64,15 +64,22 @@ class InfluxV1Sink:
         self._write_url = f"{self.url}/write?{urlencode(params)}"
 
     def open(self) -> None:
-        if not self.create_database:
-            return
-        # CREATE DATABASE is idempotent in InfluxDB 1.x; without admin rights it fails,
-        # which is fine when the database already exists.
+        if self.create_database:
+            self._create()
+
+    def _create(self) -> None:
+        """CREATE DATABASE (idempotent in InfluxDB 1.x). Without admin rights it fails,
+        which is fine when the database exists. An unreachable server is not fatal here:
+        ingest starts anyway (and spools), and the database is created on the first
+        write that finds it missing."""
         query = urlencode({"q": f'CREATE DATABASE "{self.database}"'})
         try:
             resp = self._http.request("POST", f"{self.url}/query?{query}", headers=self._auth)
         except urllib3.exceptions.HTTPError as exc:
-            raise WriteError(f"InfluxDB at {self.url} unreachable: {exc}", retryable=True) from None
+            log.warning(
+                "InfluxDB at %s unreachable at start (%s): writes will retry", self.url, exc
+            )
+            return
         if resp.status >= 300:
             log.warning(
                 "could not create database %r (%s): %s",
@@ -91,6 +98,8 @@ class InfluxV1Sink:
         if resp.status in {200, 204}:
             return
         text = resp.data[:2000].decode("utf-8", "replace").strip()
+        if resp.status == 404 and self.create_database and "database not found" in text:
+            self._create()  # the retry that follows finds it
         raise WriteError(
             f"InfluxDB refused the write ({resp.status}): {text}",
             retryable=resp.status not in CONTENT_ERRORS,

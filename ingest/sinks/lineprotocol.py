@@ -61,8 +61,8 @@ def telemetry_lines(
     seq: Sequence[int],
     rx_time: Sequence[bool],
 ) -> list[str]:
-    """One line per reading. Statistics that are not defined yet (a stream's
-    first sample) are left out rather than written as NaN, which InfluxDB refuses."""
+    """One line per reading. Statistics that are not defined (a stream's first
+    sample, the z of a huge value) are left out: InfluxDB refuses NaN and infinity."""
     out: list[str] = []
     append = out.append
     for i, (row, t, v, m, s, zz, sc, an) in enumerate(
@@ -79,10 +79,12 @@ def telemetry_lines(
         )
     ):
         fields = f"value={v!r}"
-        if not math.isnan(m):
+        if math.isfinite(m) and math.isfinite(s):
             fields += f",mean={m!r},std={s!r}"
-        if not math.isnan(zz):
-            fields += f",z={zz!r},score={sc!r}"
+        if math.isfinite(zz):
+            fields += f",z={zz!r}"
+        if math.isfinite(sc):
+            fields += f",score={sc!r}"
         fields += ",anomaly=true" if an else ",anomaly=false"
         if seq[i] >= 0:
             fields += f",seq={seq[i]}i"
