@@ -17,6 +17,10 @@ log = logging.getLogger(__name__)
 
 #: Largest part of a rejected payload copied into its dead letter.
 MAX_COPY_BYTES = 64 * 1024
+#: Longest part of the original topic copied into a dead letter (MQTT allows 65,535 bytes).
+MAX_TOPIC_CHARS = 1024
+#: Dead letters awaiting the broker's PUBACK before new ones wait for them.
+MAX_PENDING_BYTES = 8 << 20
 
 
 def dead_letter_document(rej: Rejection) -> dict[str, Any]:
@@ -30,7 +34,8 @@ def dead_letter_document(rej: Rejection) -> dict[str, Any]:
     return {
         "reason": rej.code,
         "detail": rej.reason,
-        "topic": rej.topic,
+        "topic": rej.topic[:MAX_TOPIC_CHARS],
+        "topic_truncated": len(rej.topic) > MAX_TOPIC_CHARS,
         "sample_index": rej.sample_index,
         "rejected_at": int(time.time() * 1000),
         "payload_bytes": len(rej.payload),
@@ -87,7 +92,10 @@ class MqttDeadLetter:
         self._publish = publish  # (topic, payload: bytes, qos) -> paho MQTTMessageInfo
         self.prefix = prefix
         self._pending: list[Any] = []
+        self._pending_bytes = 0
+        self._all_confirmed = True  # since the last flush() by the writer
         self._lock = threading.Lock()
+        self._wait_lock = threading.Lock()
         self.failed = 0
 
     def send(self, rejection: Rejection) -> None:
@@ -96,14 +104,33 @@ class MqttDeadLetter:
             if rejection.topic
             else f"{self.prefix}/{REJECTED_SEGMENT}/_write"
         )
-        info = self._publish(topic, orjson.dumps(dead_letter_document(rejection)), 1)
+        body = orjson.dumps(dead_letter_document(rejection))
+        info = self._publish(topic, body, 1)
         with self._lock:
             self._pending.append(info)
+            self._pending_bytes += len(body)
+            backlog = self._pending_bytes > MAX_PENDING_BYTES
+        if backlog:  # bound what waits in the MQTT client's queue
+            with self._wait_lock:
+                confirmed = self._wait(timeout=10.0)
+                with self._lock:
+                    self._all_confirmed &= confirmed
 
     def flush(self, timeout: float) -> bool:
+        # _wait_lock: a wait in send() that took some of these dead letters has finished
+        # (and recorded its outcome) before this one answers.
+        with self._wait_lock:
+            confirmed = self._wait(timeout)
+            with self._lock:
+                confirmed &= self._all_confirmed
+                self._all_confirmed = True
+        return confirmed
+
+    def _wait(self, timeout: float) -> bool:
         deadline = time.monotonic() + timeout
         with self._lock:
             pending, self._pending = self._pending, []
+            self._pending_bytes = 0
         ok = True
         for info in pending:
             try:
