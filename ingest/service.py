@@ -128,7 +128,7 @@ class IngestService:
         for rej in rejections:
             self.metrics.reject(rej.code)
             self.reject_log.warning(
-                rej.code, "rejected message on %s: %s: %s", rej.topic, rej.code, rej.reason
+                rej.code, "rejected message on %s: %s: %s", rej.topic[:200], rej.code, rej.reason
             )
             self.dead_letter.send(rej)
 
@@ -324,10 +324,11 @@ class IngestService:
 
     def _timed_write(self, lines: list[str], give_up_after: float | None) -> WriteResult:
         t0 = time.monotonic()
+        refused_before = self.writer.refused
         result = self.writer.write(lines, give_up_after)
         self._last_write_ok = result is WriteResult.WRITTEN
         if self._last_write_ok:
-            self.metrics.inc("points_written", len(lines))
+            self.metrics.inc("points_written", len(lines) - (self.writer.refused - refused_before))
             self.metrics.set("write_latency_seconds", time.monotonic() - t0)
             self.metrics.set("last_write_unixtime", time.time())
         return result

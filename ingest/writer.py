@@ -50,6 +50,7 @@ class BatchWriter:
         self.retry_max = retry_max
         self.stop = stop or threading.Event()
         self._log = RateLimitedLog(log, burst=3, period=30.0)
+        self.refused = 0  # lines the database refused, dead-lettered
 
     def write(self, lines: Sequence[str], give_up_after: float | None = None) -> WriteResult:
         if not lines:
@@ -87,6 +88,7 @@ class BatchWriter:
         if len(lines) == 1:
             log.warning("database refused a point, dead-lettered: %s | %s", exc, lines[0][:200])
             self.metrics.inc("lines_dead_lettered")
+            self.refused += 1
             self.on_refused(lines[0], str(exc))
             return WriteResult.WRITTEN
         mid = len(lines) // 2

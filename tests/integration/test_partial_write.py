@@ -81,6 +81,7 @@ def test_type_conflict_isolates_only_the_conflicting_points(
     assert refused_ts == conflicting
     metrics = ingest.metrics()
     assert metrics["ingest_lines_dead_lettered_total"] == len(conflicting)
+    assert metrics["ingest_points_written_total"] == len(stored)
     assert ingest.running and ingest.healthy()
     print(f"\n{len(conflicting)} conflicting points dead-lettered, {len(stored)} written")
     watcher.loop_stop()
