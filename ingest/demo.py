@@ -265,11 +265,13 @@ def run_demo(args: argparse.Namespace) -> int:
     if tty:
         print()
     stats = sim_result[0] if sim_result else latest
-    # Let ingest write what is still in flight, then stop it.
+    # Let ingest take and write everything published (telemetry, malformed messages, and
+    # each device's birth and offline status), then stop it.
+    published = stats.messages + sum(stats.bad_messages.values()) + 2 * len(fleet.devices)
     deadline = time.monotonic() + 15
     while time.monotonic() < deadline:
         m = service.metrics.snapshot()
-        if m["readings_accepted"] >= stats.readings and m["pending_messages"] == 0:
+        if m["messages_received"] >= published and m["pending_messages"] == 0:
             break
         time.sleep(0.2)
     service.request_stop()
