@@ -19,7 +19,6 @@ missing, or fails it when the environment variable ``CI`` is ``"true"``.
 from __future__ import annotations
 
 import contextlib
-import os
 import shutil
 import signal
 import subprocess
@@ -31,33 +30,19 @@ from typing import Self
 
 import urllib3
 
-from tests.integration.mosquitto_proc import free_port, port_open
+from tests.integration.mosquitto_proc import find_binary, free_port, port_open, require_binary
 
 DEFAULT_LOCATIONS = ("/usr/bin/influxd", "/usr/local/bin/influxd")
 
 
 def find_influxd() -> str | None:
     """Path of the influxd binary, or None."""
-    env = os.environ.get("INFLUXD_BIN")
-    if env:
-        return env if os.access(env, os.X_OK) else None
-    for candidate in DEFAULT_LOCATIONS:
-        if os.access(candidate, os.X_OK):
-            return candidate
-    return shutil.which("influxd")
+    return find_binary("influxd", "INFLUXD_BIN", DEFAULT_LOCATIONS)
 
 
 def require_influxd() -> str:
     """The influxd binary; skip the test without it (fail instead when CI=true)."""
-    import pytest  # imported here so the module stays usable outside pytest
-
-    binary = find_influxd()
-    if binary is None:
-        reason = "influxd binary not found (install influxdb 1.x or set INFLUXD_BIN)"
-        if os.environ.get("CI") == "true":
-            pytest.fail(reason + "; CI=true requires it", pytrace=False)
-        pytest.skip(reason)
-    return binary
+    return require_binary("influxd", "INFLUXD_BIN", DEFAULT_LOCATIONS, "influxdb 1.x")
 
 
 class InfluxProcess:

@@ -33,28 +33,38 @@ from typing import Self
 DEFAULT_LOCATIONS = ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto")
 
 
-def find_mosquitto() -> str | None:
-    """Path of the mosquitto binary, or None."""
-    env = os.environ.get("MOSQUITTO_BIN")
+def find_binary(name: str, env_var: str, locations: Sequence[str]) -> str | None:
+    """Path of a server binary: ``$env_var``, then ``locations``, then ``$PATH``; or None."""
+    env = os.environ.get(env_var)
     if env:
         return env if os.access(env, os.X_OK) else None
-    for candidate in DEFAULT_LOCATIONS:
+    for candidate in locations:
         if os.access(candidate, os.X_OK):
             return candidate
-    return shutil.which("mosquitto")
+    return shutil.which(name)
 
 
-def require_mosquitto() -> str:
-    """The mosquitto binary; skip the test without it (fail instead when CI=true)."""
+def require_binary(name: str, env_var: str, locations: Sequence[str], package: str) -> str:
+    """The binary; skip the calling test without it (fail instead when CI=true)."""
     import pytest  # imported here so the module stays usable outside pytest
 
-    binary = find_mosquitto()
+    binary = find_binary(name, env_var, locations)
     if binary is None:
-        reason = "mosquitto binary not found (install mosquitto or set MOSQUITTO_BIN)"
+        reason = f"{name} binary not found (install {package} or set {env_var})"
         if os.environ.get("CI") == "true":
             pytest.fail(reason + "; CI=true requires it", pytrace=False)
         pytest.skip(reason)
     return binary
+
+
+def find_mosquitto() -> str | None:
+    """Path of the mosquitto binary, or None."""
+    return find_binary("mosquitto", "MOSQUITTO_BIN", DEFAULT_LOCATIONS)
+
+
+def require_mosquitto() -> str:
+    """The mosquitto binary; skip the test without it (fail instead when CI=true)."""
+    return require_binary("mosquitto", "MOSQUITTO_BIN", DEFAULT_LOCATIONS, "mosquitto")
 
 
 def free_port(host: str = "127.0.0.1") -> int:
