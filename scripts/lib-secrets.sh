@@ -73,8 +73,8 @@ passwd_set() {
             ;;
         docker)
             docker run --rm --network none --user "$(id -u):$(id -g)" \
-                --volume "$dir:/work" --entrypoint mosquitto_passwd \
-                "$MOSQUITTO_IMAGE" "${flags[@]}" "/work/$file" "$user" "$password"
+                --volume "$dir:/passwd-dir" --entrypoint mosquitto_passwd \
+                "$MOSQUITTO_IMAGE" "${flags[@]}" "/passwd-dir/$file" "$user" "$password"
             ;;
     esac
 }
