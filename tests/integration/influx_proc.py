@@ -18,19 +18,11 @@ missing, or fails it when the environment variable ``CI`` is ``"true"``.
 
 from __future__ import annotations
 
-import contextlib
-import shutil
-import signal
-import subprocess
-import tempfile
-import time
 from pathlib import Path
-from types import TracebackType
-from typing import Self
 
 import urllib3
 
-from tests.integration.mosquitto_proc import find_binary, free_port, port_open, require_binary
+from tests.integration.server_proc import ServerProcess, find_binary, free_port, require_binary
 
 DEFAULT_LOCATIONS = ("/usr/bin/influxd", "/usr/local/bin/influxd")
 
@@ -45,8 +37,13 @@ def require_influxd() -> str:
     return require_binary("influxd", "INFLUXD_BIN", DEFAULT_LOCATIONS, "influxdb 1.x")
 
 
-class InfluxProcess:
+class InfluxProcess(ServerProcess):
     """One ``influxd`` with its data in ``tmpdir``, HTTP on ``host:http_port``."""
+
+    name = "influxd"
+    config_name = "influxdb.conf"
+    start_timeout = 30.0
+    stop_timeout = 15.0
 
     def __init__(
         self,
@@ -57,38 +54,29 @@ class InfluxProcess:
         rpc_port: int | None = None,
         binary: str | None = None,
     ) -> None:
-        self._own_tmpdir = tmpdir is None
-        self.tmpdir = Path(tempfile.mkdtemp(prefix="influxd-")) if tmpdir is None else Path(tmpdir)
-        self.tmpdir.mkdir(parents=True, exist_ok=True)
-        self.host = host
+        super().__init__(tmpdir, host=host, binary=binary or find_influxd())
         self.http_port = http_port if http_port is not None else free_port(host)
         rpc = rpc_port if rpc_port is not None else free_port(host)
         while rpc == self.http_port:
             rpc = free_port(host)
         self.rpc_port = rpc
-        self.binary = binary or find_influxd()
-        if self.binary is None:
-            raise FileNotFoundError("influxd binary not found")
-        self.config_path = self.tmpdir / "influxdb.conf"
-        self.log_path = self.tmpdir / "influxd.log"
-        self.starts = 0
-        self._proc: subprocess.Popen[bytes] | None = None
         self._http = urllib3.PoolManager(
             timeout=urllib3.Timeout(connect=0.5, read=2.0), retries=False
         )
 
-    # ----------------------------------------------------------------- info
+    @property
+    def main_port(self) -> int:
+        return self.http_port
 
     @property
     def url(self) -> str:
         return f"http://{self.host}:{self.http_port}"
 
-    @property
-    def pid(self) -> int | None:
-        return self._proc.pid if self._proc is not None else None
+    def command(self) -> list[str]:
+        return [self.binary, "-config", str(self.config_path)]
 
-    def is_running(self) -> bool:
-        return self._proc is not None and self._proc.poll() is None
+    def ready(self) -> bool:
+        return self.ping()
 
     def ping(self) -> bool:
         """True when ``/ping`` answers 204."""
@@ -97,11 +85,12 @@ class InfluxProcess:
         except urllib3.exceptions.HTTPError:
             return False
 
-    def log_text(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
+    def _prepare(self) -> None:
+        for sub in ("meta", "data", "wal"):
+            (self.tmpdir / sub).mkdir(exist_ok=True)
+
+    def _close(self) -> None:
+        self._http.clear()
 
     def config_text(self) -> str:
         d = self.tmpdir
@@ -141,101 +130,3 @@ bind-address = "{self.host}:{self.rpc_port}"
 [continuous_queries]
   enabled = false
 """
-
-    # ------------------------------------------------------------ lifecycle
-
-    def start(self, timeout: float = 30.0) -> None:
-        """Start influxd and wait until ``/ping`` answers."""
-        if self.is_running():
-            raise RuntimeError("influxd is already running")
-        assert self.binary is not None
-        for sub in ("meta", "data", "wal"):
-            (self.tmpdir / sub).mkdir(exist_ok=True)
-        self.config_path.write_text(self.config_text())
-        with self.log_path.open("ab") as log:
-            log.write(f"--- start #{self.starts + 1} on port {self.http_port}\n".encode())
-            log.flush()
-            self._proc = subprocess.Popen(
-                [self.binary, "-config", str(self.config_path)],
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                cwd=self.tmpdir,
-            )
-        self.starts += 1
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self._proc.poll() is not None:
-                self._proc = None
-                raise RuntimeError(f"influxd exited at start-up; log:\n{self.log_text()[-4000:]}")
-            if self.ping():
-                return
-            time.sleep(0.05)
-        self.kill()
-        raise TimeoutError(
-            f"influxd did not answer on {self.url} within {timeout} s; "
-            f"log:\n{self.log_text()[-4000:]}"
-        )
-
-    def stop(self, timeout: float = 15.0) -> int | None:
-        """SIGTERM (clean shutdown); SIGKILL after ``timeout``. None when it was not running."""
-        proc, self._proc = self._proc, None
-        if proc is None:
-            return None
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=5.0)
-        self._wait_port_closed(timeout=5.0)
-        return proc.returncode
-
-    def kill(self) -> None:
-        """SIGKILL: a crash (the WAL is replayed at the next start)."""
-        proc, self._proc = self._proc, None
-        if proc is not None and proc.poll() is None:
-            proc.kill()
-            proc.wait(timeout=5.0)
-        self._wait_port_closed(timeout=5.0)
-
-    def restart(self, down_s: float = 0.0, timeout: float = 30.0) -> None:
-        """Stop cleanly, stay down for ``down_s`` seconds, start again on the same ports."""
-        self.stop()
-        if down_s > 0:
-            time.sleep(down_s)
-        self.start(timeout=timeout)
-
-    def _wait_port_closed(self, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline and port_open(self.host, self.http_port, timeout=0.05):
-            time.sleep(0.02)
-
-    def cleanup(self) -> None:
-        """Stop influxd and remove the temp directory if this object made it."""
-        try:
-            self.stop()
-        finally:
-            self._http.clear()
-            if self._own_tmpdir:
-                shutil.rmtree(self.tmpdir, ignore_errors=True)
-
-    def __enter__(self) -> Self:
-        if not self.is_running():
-            self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.cleanup()
-
-    def __del__(self) -> None:
-        # Last resort: never leave a database behind if a test forgot to stop it.
-        with contextlib.suppress(Exception):
-            if self._proc is not None and self._proc.poll() is None:
-                self._proc.kill()

@@ -23,14 +23,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from devices.gateway import GatewayAgent, SimulatedSource
-
-try:  # as a package (tests/__init__.py present) or as a rootdir-relative module
-    from tests.integration.mosquitto_proc import MosquittoProcess, require_mosquitto
-except ImportError:
-    from mosquitto_proc import (  # type: ignore[no-redef,import-not-found]
-        MosquittoProcess,
-        require_mosquitto,
-    )
+from tests.integration.mosquitto_proc import MosquittoProcess, require_mosquitto
 
 pytestmark = pytest.mark.services
 
