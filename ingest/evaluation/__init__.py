@@ -1,0 +1,1 @@
+"""Offline evaluation: benchmark scorers (NAB, SKAB) and CSV input/output for backtests."""
