@@ -47,7 +47,7 @@ WORKDIR /var/lib/ingest
 # the service starts without a JIT pause. Numba keys its cache on the CPU: on a host
 # whose CPU differs from the build machine's, the first start compiles again into the
 # same (writable) directory.
-RUN python -c "from ingest.processing.detectors import RollingZScore; RollingZScore().warm_up_jit()"
+RUN python -c "from ingest.processing.detectors import DetectorBank; DetectorBank().warm_up_jit()"
 
 # Healthy while GET /healthz answers 200 (MQTT connected, writes succeeding). The probe
 # follows INGEST_SERVICE_HEALTH_LISTEN and asks 127.0.0.1 when it listens on all

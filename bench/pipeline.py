@@ -1,13 +1,12 @@
 """Processing-path throughput without broker or database.
 
-Decode + validate + kernel + line protocol:
+Decode + validate + detectors + line protocol:
 
     .venv/bin/python bench/pipeline.py [--messages N]
 
-Prints messages/s and readings/s for single-sample and batch messages, and the
-kernel's own cost in ns/sample over many interleaved streams next to the NumPy
-sum of the same array (the memory floor), all measured in this run. Numba
-compile time is excluded (one warm-up call first).
+Prints messages/s and readings/s for single-sample and batch messages with the
+default detector set, measured in this run. Numba compile time is excluded (one
+warm-up call first). The detector kernels alone: ``bench/kernels.py``.
 """
 
 from __future__ import annotations
@@ -21,7 +20,7 @@ import orjson
 
 from devices.contract import DEFAULT_LIMITS
 from ingest.pipeline import Processor
-from ingest.processing.detectors import RollingZScore, ZScoreParams
+from ingest.processing.detectors import DetectorParams
 
 
 def best_of(fn: Callable[[], object], repeat: int = 5) -> float:
@@ -53,47 +52,26 @@ def bench_processor(n_messages: int, per_message: int, devices: int = 100) -> tu
     chunk = 1000 if per_message == 1 else 50
 
     def run() -> None:
-        proc = Processor("factory", DEFAULT_LIMITS, ZScoreParams(), 100_000)
+        proc = Processor("factory", DEFAULT_LIMITS, DetectorParams(), 100_000)
         for k in range(0, len(messages), chunk):
             proc.process(messages[k : k + chunk])
 
-    Processor("factory", DEFAULT_LIMITS, ZScoreParams(), 10).warm_up()
+    Processor("factory", DEFAULT_LIMITS, DetectorParams(), 10).warm_up()
     dt = best_of(run, 3)
     return n_messages / dt, n_messages * per_message * len(sensors) / dt
-
-
-def bench_kernel(n: int, streams: int) -> tuple[float, float]:
-    rng = np.random.default_rng(1)
-    rows = rng.integers(0, streams, n).astype(np.int64)
-    ts = np.arange(n, dtype=np.int64)
-    values = rng.normal(size=n)
-    RollingZScore().warm_up_jit()
-
-    def kernel() -> None:
-        RollingZScore(ZScoreParams(window=60, warmup=20), capacity=streams).update(rows, ts, values)
-
-    floor = best_of(values.sum)
-    return best_of(kernel) / n * 1e9, floor / n * 1e9
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--messages", type=int, default=20_000)
     args = parser.parse_args()
-    print("processing path (decode, validate, rolling z-score, line protocol), one core:")
+    print("processing path (decode, validate, detectors, line protocol), one core:")
     for per_message in (1, 100):
         n = args.messages if per_message == 1 else max(1, args.messages // 50)
         mps, rps = bench_processor(n, per_message)
         print(
             f"  {per_message:3d} samples x 3 sensors per message: {mps:10,.0f} messages/s "
             f"{rps:12,.0f} readings/s"
-        )
-    print("rolling z-score kernel (window 60), ns per sample:")
-    for streams in (1, 10_000):
-        ns, floor = bench_kernel(2_000_000, streams)
-        print(
-            f"  {streams:6d} interleaved streams: {ns:6.1f} ns   (NumPy sum of the same "
-            f"array: {floor:.2f} ns)"
         )
 
 

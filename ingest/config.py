@@ -20,6 +20,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from devices.contract import DEFAULT_LIMITS, IDENTIFIER_RE, MIN_TS_MS, Limits
 from devices.mqtt_url import parse_mqtt_url
+from ingest.processing.detectors import PARAM_NAMES, DetectorParams, DetectorRule
+
+_DP = DetectorParams()
 
 ENV_PREFIX = "INGEST_"
 ENV_ALIASES = {
@@ -120,17 +123,83 @@ class InfluxSettings(_Section):
         return self
 
 
-class ProcessingSettings(_Section):
-    window: Annotated[int, Field(ge=2, le=100_000)] = 100
-    warmup: Annotated[int, Field(ge=2)] = 20
-    threshold: Annotated[float, Field(gt=0)] = 4.0
-    max_streams: Annotated[int, Field(ge=1)] = 100_000
+class DetectorSettings(_Section):
+    """One detector parameter set (see ``docs/detectors.md``); defaults as DetectorParams."""
+
+    #: Which detectors run: any of zscore, ewma, mad, cusum, flatline, roc
+    #: (comma-separated in an environment variable).
+    detectors: tuple[str, ...] = _DP.detectors
+    warmup: Annotated[int, Field(ge=2)] = _DP.warmup
+    zscore_window: Annotated[int, Field(ge=2, le=100_000)] = _DP.zscore_window
+    zscore_threshold: Annotated[float, Field(gt=0)] = _DP.zscore_threshold
+    ewma_halflife: Annotated[float, Field(gt=0)] = _DP.ewma_halflife
+    ewma_threshold: Annotated[float, Field(gt=0)] = _DP.ewma_threshold
+    mad_window: Annotated[int, Field(ge=3, le=100_000)] = _DP.mad_window
+    mad_threshold: Annotated[float, Field(gt=0)] = _DP.mad_threshold
+    cusum_halflife: Annotated[float, Field(gt=0)] = _DP.cusum_halflife
+    cusum_k: Annotated[float, Field(ge=0)] = _DP.cusum_k
+    cusum_h: Annotated[float, Field(gt=0)] = _DP.cusum_h
+    flatline_samples: Annotated[int, Field(ge=1)] = _DP.flatline_samples
+    roc_threshold: Annotated[float, Field(gt=0)] = _DP.roc_threshold
+    gap_factor: Annotated[float, Field(gt=1)] = _DP.gap_factor
+    onset: Annotated[int, Field(ge=1)] = _DP.onset
+    clear: Annotated[int, Field(ge=1)] = _DP.clear
+    hold: Annotated[int, Field(ge=1)] = _DP.hold
+    #: Learn baselines from this many samples per stream, then keep them fixed (0: always
+    #: learn). Fixed control limits suit a machine commissioned in a known-good state.
+    learn_limit: Annotated[int, Field(ge=0)] = _DP.learn_limit
+
+    @field_validator("detectors", mode="before")
+    @classmethod
+    def _split(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return tuple(part.strip() for part in value.split(",") if part.strip())
+        return value
 
     @model_validator(mode="after")
-    def _warmup(self) -> ProcessingSettings:
-        if self.warmup > self.window:
-            raise ValueError("warmup must not exceed window")
+    def _valid(self) -> DetectorSettings:
+        self.params()  # raises ValueError with the reason
         return self
+
+    def params(self) -> DetectorParams:
+        return DetectorParams(**{name: getattr(self, name) for name in PARAM_NAMES})
+
+
+class DetectorRuleSettings(DetectorSettings):
+    """``[[processing.rules]]``: parameters for the sensors matching ``sensors`` (a glob);
+    settings a rule leaves out come from ``[processing]``."""
+
+    sensors: Annotated[str, Field(min_length=1)]
+
+
+class ProcessingSettings(DetectorSettings):
+    max_streams: Annotated[int, Field(ge=1)] = 100_000
+    #: Detector state is saved here (and at shutdown) and restored at start, so a restart
+    #: does not reset the warm-up; empty disables it.
+    state_file: str = "ingest-state/detectors.npz"
+    #: Seconds between state snapshots.
+    snapshot_interval: Annotated[float, Field(gt=0)] = 60.0
+    #: Per-sensor overrides, first match wins; TOML only (``[[processing.rules]]``).
+    rules: tuple[dict[str, Any], ...] = ()
+
+    @model_validator(mode="after")
+    def _rules(self) -> ProcessingSettings:
+        self.detector_rules()
+        return self
+
+    def detector_rules(self) -> list[DetectorRule]:
+        base = {name: getattr(self, name) for name in PARAM_NAMES}
+        out = []
+        for i, raw in enumerate(self.rules):
+            try:
+                rule = DetectorRuleSettings.model_validate({**base, **raw})
+            except ValidationError as exc:
+                err = exc.errors()[0]
+                where = ".".join(str(p) for p in err["loc"])
+                msg = err["msg"].removeprefix("Value error, ")
+                raise ValueError(f"rule {i + 1}: {where}: {msg}") from None
+            out.append(DetectorRule(rule.sensors, rule.params()))
+        return out
 
 
 class LimitSettings(_Section):
@@ -202,11 +271,17 @@ SECTIONS: dict[str, type[_Section]] = {
 }
 
 
+#: Settings that only a config file can hold (they are lists of tables).
+FILE_ONLY = {("processing", "rules")}
+
+
 def env_variables() -> list[tuple[str, str, str]]:
     """(variable, setting, default) for every setting: the table in the README."""
     rows = []
     for section, model in SECTIONS.items():
         for name, field in model.model_fields.items():
+            if (section, name) in FILE_ONLY:
+                continue
             default = field.get_default(call_default_factory=True)
             rows.append(
                 (
@@ -216,6 +291,13 @@ def env_variables() -> list[tuple[str, str, str]]:
                 )
             )
     return rows
+
+
+def _is_setting(var: str) -> bool:
+    """Whether ``var`` names a setting itself (``INGEST_PROCESSING_STATE_FILE``), not a
+    ``_FILE`` indirection to a secret (``INGEST_INFLUX_TOKEN_FILE``)."""
+    section, _, key = var[len(ENV_PREFIX) :].lower().partition("_")
+    return section in SECTIONS and key in SECTIONS[section].model_fields
 
 
 def _env_overrides(
@@ -229,13 +311,7 @@ def _env_overrides(
             continue
         value = raw
         name = var
-        if var.endswith("_FILE") and var not in (
-            "INGEST_INFLUX_FILE",
-            "INGEST_MQTT_CA_FILE",
-            "INGEST_MQTT_CERT_FILE",
-            "INGEST_MQTT_KEY_FILE",
-            "INGEST_MQTT_DEAD_LETTER_FILE",
-        ):
+        if var.endswith("_FILE") and not _is_setting(var):
             name = var[: -len("_FILE")]
             try:
                 value = Path(raw).read_text(encoding="utf-8").strip()
@@ -246,6 +322,8 @@ def _env_overrides(
         else:
             rest = name[len(ENV_PREFIX) :].lower()
             section, _, key = rest.partition("_")
+            if (section, key) in FILE_ONLY:
+                raise ConfigError(f"{var}: {section}.{key} can only be set in the config file")
             if section not in SECTIONS or key not in SECTIONS[section].model_fields:
                 if section in SECTIONS:
                     raise ConfigError(f"{var}: unknown setting {section}.{key}")

@@ -15,7 +15,11 @@ COUNTERS = {
     "samples_accepted": "valid samples decoded",
     "readings_accepted": "valid readings (sample x sensor) decoded",
     "points_written": "points stored in the sink",
-    "anomalies": "readings flagged as anomalous",
+    "anomalies": "readings inside an anomaly episode",
+    "anomaly_episodes": "anomaly episodes opened",
+    "event_points": "anomaly_events points written: episodes opened and closed, gaps",
+    "gaps": "streams that spoke again after a silence longer than processing.gap_factor intervals",
+    "state_save_errors": "detector state snapshots that could not be written",
     "rejected_total": "messages or samples rejected, all reasons",
     "write_retries": "sink writes retried after a transient failure",
     "write_failures": "sink writes that failed (before a retry)",
@@ -44,6 +48,8 @@ class Metrics:
             "spool_batches": 0.0,
             "spool_bytes": 0.0,
             "spool_full": 0.0,
+            "streams_silent": 0.0,
+            "state_save_seconds": 0.0,
         }
         self.started = time.time()
 

@@ -6,12 +6,27 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import numpy.typing as npt
 
 from devices.contract import Limits
 from ingest.decode import DecodedBatch, Decoder, Rejection
-from ingest.processing.detectors import RollingZScore, StreamRegistry, ZScoreParams
-from ingest.sinks.lineprotocol import status_line, telemetry_lines, telemetry_series
+from ingest.processing import kernels as k
+from ingest.processing.detectors import (
+    DetectorParams,
+    DetectorRule,
+    Detectors,
+    DetectResult,
+    StreamRegistry,
+    detector_names,
+)
+from ingest.sinks.lineprotocol import (
+    event_line,
+    event_series,
+    status_line,
+    telemetry_lines,
+    telemetry_series,
+)
 
 #: Called with (registry, rows, ts, values, anomaly) after each batch; the demo scores with it.
 Arr = npt.NDArray[Any]
@@ -25,6 +40,9 @@ class Processed:
     samples: int = 0
     readings: int = 0
     anomalies: int = 0
+    events_opened: int = 0
+    events_closed: int = 0
+    gaps: int = 0
 
 
 class Processor:
@@ -34,19 +52,74 @@ class Processor:
         self,
         prefix: str,
         limits: Limits,
-        params: ZScoreParams,
+        params: DetectorParams,
         max_streams: int,
         on_readings: ReadingsHook | None = None,
+        rules: list[DetectorRule] | None = None,
     ) -> None:
         self.registry = StreamRegistry(max_streams)
         self.decoder = Decoder(prefix, limits, self.registry)
-        self.zscore = RollingZScore(params)
+        self.detectors = Detectors(self.registry, params, rules or [])
         self.series: list[str] = []
+        self.event_series: dict[int, str] = {}
         self.on_readings = on_readings
+        #: Streams reported silent by :meth:`sweep_silent`, with the start of the silence.
+        self.silent: dict[int, int] = {}
 
     def warm_up(self) -> None:
         """Compile / load the kernels before the first message arrives."""
-        self.zscore.warm_up_jit()
+        self.detectors.warm_up_jit()
+
+    def _event_series(self, row: int) -> str:
+        key = self.event_series.get(row)
+        if key is None:
+            key = self.event_series[row] = event_series(*self.registry.keys[row])
+        return key
+
+    def _event_lines(self, rows: Arr, ts: Arr, res: DetectResult, out: Processed) -> None:
+        """Episode and gap lines for the ``anomaly_events`` measurement."""
+        for i in np.flatnonzero(res.event).tolist():
+            row = int(rows[i])
+            kind = int(res.event[i])
+            dets = ",".join(detector_names(int(res.ev_dets[i])))
+            start = int(res.ev_start[i])
+            if kind == k.EVENT_OPENED:
+                out.events_opened += 1
+                out.lines.append(
+                    event_line(
+                        self._event_series(row), "anomaly", start, None, float(res.ev_peak[i]), dets
+                    )
+                )
+            else:
+                out.events_closed += 1
+                out.lines.append(
+                    event_line(
+                        self._event_series(row),
+                        "anomaly",
+                        start,
+                        int(res.ev_end[i]),
+                        float(res.ev_peak[i]),
+                        dets,
+                    )
+                )
+        for i in np.flatnonzero(res.gap).tolist():
+            row = int(rows[i])
+            out.gaps += 1
+            start = self.silent.pop(row, int(res.gap[i]))
+            out.lines.append(
+                event_line(self._event_series(row), "gap", start, int(ts[i]), None, "gap")
+            )
+
+    def sweep_silent(self, now_ms: int) -> list[str]:
+        """Open a ``gap`` event for every stream silent too long (once per silence)."""
+        lines = []
+        for row in self.detectors.silent(now_ms).tolist():
+            if row in self.silent:
+                continue
+            start = self.detectors.last_ts(row)
+            self.silent[row] = start
+            lines.append(event_line(self._event_series(row), "gap", start, None, None, "gap"))
+        return lines
 
     def process(self, messages: list[tuple[str, bytes, float]]) -> Processed:
         batch = DecodedBatch()
@@ -54,7 +127,7 @@ class Processor:
         out = Processed(rejections=batch.rejections, samples=batch.samples)
         if batch.rows:
             rows, ts, values = batch.arrays()
-            stats = self.zscore.update(rows, ts, values)
+            stats = self.detectors.update(rows, ts, values)
             keys = self.registry.keys
             while len(self.series) < len(keys):
                 self.series.append(telemetry_series(*keys[len(self.series)]))
@@ -73,6 +146,8 @@ class Processor:
             )
             out.readings = len(rows)
             out.anomalies = int(stats.anomaly.sum())
+            if stats.event.any() or stats.gap.any():
+                self._event_lines(rows, ts, stats, out)
             if self.on_readings is not None:
                 self.on_readings(self.registry, rows, ts, values, stats.anomaly)
         for st in batch.statuses:

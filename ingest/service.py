@@ -7,6 +7,7 @@ import queue
 import random
 import threading
 import time
+from pathlib import Path
 
 from ingest.config import Settings
 from ingest.deadletter import DeadLetter, FileDeadLetter, MqttDeadLetter, NoDeadLetter
@@ -14,7 +15,6 @@ from ingest.decode import Rejection
 from ingest.metrics import HealthServer, Metrics, RateLimitedLog
 from ingest.mqtt_consumer import MqttSource, Received
 from ingest.pipeline import Processor, ReadingsHook
-from ingest.processing.detectors import ZScoreParams
 from ingest.sinks.base import Sink, WriteError
 from ingest.sinks.file import LineProtocolFileSink
 from ingest.sinks.influx import InfluxV1Sink, InfluxV2Sink
@@ -25,6 +25,8 @@ log = logging.getLogger(__name__)
 
 #: Batches waiting for the writer thread (one more is being written).
 WRITE_QUEUE = 2
+#: Seconds between sweeps for streams that went silent (the ``gap`` events).
+SWEEP_INTERVAL = 5.0
 
 
 def build_sink(settings: Settings) -> Sink:
@@ -64,10 +66,14 @@ class IngestService:
         self.processor = Processor(
             settings.mqtt.topic_prefix,
             settings.limits.limits(),
-            ZScoreParams(window=p.window, warmup=p.warmup, threshold=p.threshold),
+            p.params(),
             p.max_streams,
             on_readings,
+            p.detector_rules(),
         )
+        self._state_file = Path(p.state_file) if p.state_file else None
+        self._next_snapshot = 0.0
+        self._next_sweep = 0.0
         self.sink = sink or build_sink(settings)
         self.source = MqttSource(settings.mqtt, self.metrics, settings.service.max_queued_bytes)
         self.dead_letter = self._build_dead_letter()
@@ -138,6 +144,7 @@ class IngestService:
         """Open the sink, compile kernels, connect. Raises WriteError if the sink cannot open."""
         svc = self.settings.service
         self.processor.warm_up()
+        self._restore_state()
         sp = self.settings.spool
         if sp.dir:
             self.spool = Spool(sp.dir, max_bytes=sp.max_bytes, segment_bytes=sp.segment_bytes)
@@ -194,11 +201,16 @@ class IngestService:
                     wait = max(0.0, first_pending + flush_interval - time.monotonic())
                 msgs = self.source.get_batch(s.service.max_batch_messages, min(wait, 0.5))
                 if msgs:
-                    if not pending_msgs:
+                    if not pending_msgs and not pending_lines:
                         first_pending = time.monotonic()
                     pending_lines.extend(self._process(msgs))
                     pending_msgs.extend(msgs)
-                if pending_msgs and (
+                events = self._periodic()
+                if events:
+                    if not pending_msgs and not pending_lines:
+                        first_pending = time.monotonic()
+                    pending_lines.extend(events)
+                if (pending_msgs or pending_lines) and (
                     len(pending_lines) >= batch_size
                     or len(pending_msgs) >= ack_window
                     or time.monotonic() - first_pending >= flush_interval
@@ -207,8 +219,9 @@ class IngestService:
                     pending_lines, pending_msgs = [], []
         finally:
             self.request_stop()
-            if pending_msgs:
+            if pending_msgs or pending_lines:
                 self._hand_over(pending_lines, pending_msgs)
+            self._save_state()
             while writer.is_alive():
                 try:
                     self._write_queue.put(None, timeout=0.5)
@@ -228,6 +241,46 @@ class IngestService:
             if self.health:
                 self.health.stop()
         return code
+
+    def _restore_state(self) -> None:
+        path = self._state_file
+        if path is None or not path.exists():
+            return
+        try:
+            n = self.processor.detectors.load(path)
+        except (OSError, ValueError, KeyError) as exc:
+            log.warning("detector state %s not restored (%s): starting afresh", path, exc)
+            return
+        log.info("detector state of %d streams restored from %s", n, path)
+
+    def _save_state(self) -> None:
+        path = self._state_file
+        if path is None:
+            return
+        t0 = time.monotonic()
+        try:
+            n = self.processor.detectors.save(path)
+        except OSError as exc:
+            self.metrics.inc("state_save_errors")
+            log.warning("detector state not saved to %s: %s", path, exc)
+            return
+        self.metrics.set("state_save_seconds", time.monotonic() - t0)
+        log.debug("detector state of %d streams saved to %s", n, path)
+
+    def _periodic(self) -> list[str]:
+        """Snapshots of the detector state, and the sweep for silent streams."""
+        now = time.monotonic()
+        if now >= self._next_snapshot:
+            if self._next_snapshot:
+                self._save_state()
+            self._next_snapshot = now + self.settings.processing.snapshot_interval
+        if now < self._next_sweep:
+            return []
+        self._next_sweep = now + SWEEP_INTERVAL
+        lines = self.processor.sweep_silent(int(time.time() * 1000))
+        self.metrics.inc("event_points", len(lines))
+        self.metrics.set("streams_silent", len(self.processor.silent))
+        return lines
 
     def _watchdog(self) -> None:
         """Renew a subscription that has gone quiet while connected (a broker that lost
@@ -255,6 +308,10 @@ class IngestService:
         self.metrics.inc("samples_accepted", result.samples)
         self.metrics.inc("readings_accepted", result.readings)
         self.metrics.inc("anomalies", result.anomalies)
+        self.metrics.inc("anomaly_episodes", result.events_opened)
+        self.metrics.inc("gaps", result.gaps)
+        self.metrics.inc("event_points", result.events_opened + result.events_closed + result.gaps)
+        self.metrics.set("streams_silent", len(self.processor.silent))
         self.metrics.set("streams", len(self.processor.registry))
         return result.lines
 

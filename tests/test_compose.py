@@ -546,8 +546,8 @@ def test_dockerfile_structure() -> None:
     assert any(i == "RUN" and cache[1] in a and "chown" in a for i, a in ins[:user_at])
     assert "INGEST_SERVICE_HEALTH_LISTEN=127.0.0.1:9108" in env_text
     assert warmup_command() == (
-        'python -c "from ingest.processing.detectors import RollingZScore; '
-        'RollingZScore().warm_up_jit()"'
+        'python -c "from ingest.processing.detectors import DetectorBank; '
+        'DetectorBank().warm_up_jit()"'
     )
     probe = healthcheck_probe()
     assert probe[:2] == ["python", "-c"] and "/healthz" in probe[2]

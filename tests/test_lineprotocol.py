@@ -10,7 +10,7 @@ import pytest
 
 from devices.contract import DEFAULT_LIMITS
 from ingest.pipeline import Processor
-from ingest.processing.detectors import ZScoreParams
+from ingest.processing.detectors import DetectorParams
 from ingest.sinks.lineprotocol import escape_tag, status_line, telemetry_lines, telemetry_series
 
 
@@ -58,11 +58,11 @@ def test_status_line() -> None:
 
 def test_field_types_never_flip() -> None:
     """An integer JSON value is written as a float: the series' type cannot change."""
-    proc = Processor("f", DEFAULT_LIMITS, ZScoreParams(), 10)
+    proc = Processor("f", DEFAULT_LIMITS, DetectorParams(), 10)
     now = int(time.time() * 1000)
     payloads = [
         json.dumps({"ts": now + i, "seq": i, "values": {"a": 5}}).encode() for i in range(3)
     ]
     lines = proc.process([("f/s/l/d/telemetry", p, time.time()) for p in payloads]).lines
-    assert " value=5.0,z=0.0,score=0.0,anomaly=false,seq=0i " in lines[0]
+    assert " value=5.0,score=0.0,anomaly=false,seq=0i " in lines[0]
     assert " value=5.0,mean=5.0,std=0.0,z=0.0,score=0.0,anomaly=false,seq=2i " in lines[2]

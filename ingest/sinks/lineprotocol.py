@@ -5,6 +5,10 @@ Schema (contract v1):
 * ``telemetry,device=D,line=L,sensor=S,site=X value=…,mean=…,std=…,z=…,score=…,``
   ``anomaly=true|false[,seq=Ni][,rx_time=true] <ms>``
 * ``device_status,device=D,line=L,site=X online=true|false <ms>``
+* ``anomaly_events,device=D,kind=anomaly|gap,line=L,sensor=S,site=X``
+  ``status="open"|"closed",open=true|false,detectors="…"[,peak_score=…]``
+  ``[,end=Ni,duration_s=…] <start ms>``: one point per episode, at its start; the
+  closing write has the same series and time, so it completes the opening one.
 
 Timestamps are the device's, in milliseconds, so a redelivered sample
 overwrites its own point instead of adding one. Tag values are validated
@@ -22,6 +26,7 @@ import numpy.typing as npt
 
 TELEMETRY = "telemetry"
 DEVICE_STATUS = "device_status"
+ANOMALY_EVENTS = "anomaly_events"
 
 _TAG_ESCAPES = str.maketrans({",": r"\,", "=": r"\=", " ": r"\ ", "\\": "\\\\"})
 
@@ -41,6 +46,35 @@ def series_key(measurement: str, tags: dict[str, str]) -> str:
 
 def telemetry_series(site: str, line: str, device: str, sensor: str) -> str:
     return series_key(TELEMETRY, {"site": site, "line": line, "device": device, "sensor": sensor})
+
+
+def event_series(site: str, line: str, device: str, sensor: str) -> str:
+    """Series key of the ``anomaly_events`` points, without the ``kind`` tag."""
+    return series_key(
+        ANOMALY_EVENTS, {"site": site, "line": line, "device": device, "sensor": sensor}
+    )
+
+
+def event_line(
+    series: str,
+    kind: str,
+    start_ms: int,
+    end_ms: int | None,
+    peak_score: float | None,
+    detectors: str,
+) -> str:
+    """An open (``end_ms`` None) or closed episode of a stream, stamped with its start."""
+    # "kind" sorts between "device" and "line": insert it where InfluxDB would.
+    head, sep, rest = series.partition(",line=")
+    fields = f'detectors="{detectors}"'
+    if peak_score is not None and math.isfinite(peak_score):
+        fields += f",peak_score={peak_score!r}"
+    if end_ms is None:
+        fields += ',status="open",open=true'
+    else:
+        duration = max(end_ms - start_ms, 0) / 1000.0
+        fields += f',status="closed",open=false,end={end_ms}i,duration_s={duration!r}'
+    return f"{head},kind={escape_tag(kind)}{sep}{rest} {fields} {start_ms}"
 
 
 def format_float(x: float) -> str:

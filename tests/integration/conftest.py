@@ -145,6 +145,7 @@ def ingest_env(unique: str, mqtt_broker: str, tmp_path: Path) -> dict[str, str]:
             "INGEST_SERVICE_HEALTH_LISTEN": f"127.0.0.1:{free_port()}",
             "INGEST_SERVICE_LOG_LEVEL": "INFO",
             "INGEST_SPOOL_DIR": str(tmp_path / "spool"),
+            "INGEST_PROCESSING_STATE_FILE": str(tmp_path / "state" / "detectors.npz"),
         }
     )
     return env

@@ -175,7 +175,9 @@ def test_contract_client_end_to_end(
     assert ingest.healthy()
     metrics = ingest.metrics()
     assert metrics["ingest_rejected_total_total"] == bad_sent
-    assert metrics["ingest_points_written_total"] == expected
+    # The telemetry points, plus one anomaly_events point per episode opened or closed.
+    assert metrics["ingest_points_written_total"] == expected + metrics["ingest_event_points_total"]
+    assert metrics["ingest_event_points_total"] >= metrics["ingest_anomaly_episodes_total"] > 0
     watcher.loop_stop()
     client.loop_stop()
     assert math.isfinite(publish_s)

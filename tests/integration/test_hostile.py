@@ -548,7 +548,8 @@ def test_hostile_corpus_through_the_broker(
     assert counters == dict(by_reason), (counters, by_reason)
     assert metrics["ingest_rejected_total_total"] == n_letters
     assert metrics["ingest_readings_accepted_total"] == n_points
-    assert metrics["ingest_points_written_total"] == n_points
+    events = metrics["ingest_event_points_total"]  # anomaly_events points
+    assert metrics["ingest_points_written_total"] == n_points + events
     assert ingest_big.metrics()['ingest_rejects_total{reason="too_many_samples"}'] == 1
 
     # A second pass of the same messages: the same dead letters again, the same points
@@ -734,7 +735,9 @@ def test_hypothesis_payloads_through_the_broker(
     assert len(letters) == n_letters
     metrics = ingest.metrics()
     assert metrics["ingest_rejected_total_total"] == n_letters
-    assert metrics["ingest_points_written_total"] == metrics["ingest_readings_accepted_total"]
+    assert metrics["ingest_points_written_total"] == (
+        metrics["ingest_readings_accepted_total"] + metrics["ingest_event_points_total"]
+    )
     assert_tags_are_identifiers(influx_db)
     print(
         f"\n200 hypothesis messages: {dict(kinds)}; {n_letters} dead letters "

@@ -19,7 +19,7 @@ from devices.simulator import Fleet, run_fleet
 from ingest.config import ProcessingSettings
 from tests.dbhelpers import INFLUX_URL, influx_count, influx_rows, vm_count_points, vm_export
 from tests.integration.conftest import REPO, IngestProcess, wait_for
-from tests.naive import rolling_zscore_naive
+from tests.naive import detect_naive
 
 pytestmark = pytest.mark.services
 
@@ -31,8 +31,10 @@ def _fleet(devices: int, seconds: float, **kw: Any) -> Fleet:
 
 
 def _reference_flags(fleet: Fleet, seconds: float) -> set[tuple[str, str, int]]:
-    """(device, sensor, ts) that tests/naive.py flags with the default parameters."""
-    defaults = ProcessingSettings()
+    """(device, sensor, ts) that tests/naive.py flags with the parameters the service runs
+    with: the ``[processing]`` defaults (the test sets none, and there are no rules)."""
+    settings = ProcessingSettings()
+    assert not settings.detector_rules()
     keys: dict[tuple[str, str], int] = {}
     rows, ts, values = [], [], []
     for batch in fleet.generate(seconds):
@@ -41,13 +43,11 @@ def _reference_flags(fleet: Fleet, seconds: float) -> set[tuple[str, str, int]]:
                 rows.append(keys.setdefault((batch.device, sensor), len(keys)))
                 ts.append(sample["ts"])
                 values.append(value)
-    out = rolling_zscore_naive(
-        np.array(rows),
-        np.array(ts),
-        np.array(values),
-        defaults.window,
-        defaults.warmup,
-        defaults.threshold,
+    out = detect_naive(
+        np.array(rows, np.int64),
+        np.array(ts, np.int64),
+        np.array(values, np.float64),
+        settings.params(),
     )
     names = {row: key for key, row in keys.items()}
     return {(*names[r], t) for r, t, a in zip(rows, ts, out["anomaly"], strict=True) if a}
