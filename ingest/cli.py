@@ -1,4 +1,4 @@
-"""The ``ingest`` command: run, demo, simulate, schema."""
+"""The ``ingest`` command: run, demo, simulate, backtest, evaluate, schema."""
 
 from __future__ import annotations
 
@@ -95,6 +95,42 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return code
 
 
+def cmd_backtest(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from ingest.evaluation.runner import backtest
+
+    settings = load_settings(args.config)
+    try:
+        flagged = backtest(Path(args.input), Path(args.out), settings.processing)
+    except (OSError, ValueError) as exc:
+        print(f"ingest: error: {exc}", file=sys.stderr)
+        return 1
+    for name, count in flagged.items():
+        print(f"{name}: {count} anomalous rows")
+    print(f"wrote {args.out}")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from ingest.evaluation import runner
+
+    processing = load_settings(args.config).processing
+    root = Path(args.dir)
+    if not root.is_dir():
+        print(f"ingest: error: {root} is not a folder", file=sys.stderr)
+        return 1
+    if args.benchmark == "nab":
+        print(runner.format_nab(runner.evaluate_nab(root, processing)))
+    else:
+        if args.fit_rows:
+            processing = processing.model_copy(update={"learn_limit": args.fit_rows})
+        print(runner.format_skab(runner.evaluate_skab(root, processing)))
+    return 0
+
+
 def _version() -> str:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -147,6 +183,27 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--labels", default="labels.csv", help="ground-truth CSV of injected faults")
     sim.add_argument("--fast", action="store_true", help="as fast as possible, not in real time")
     sim.set_defaults(func=cmd_simulate)
+
+    bt = sub.add_parser(
+        "backtest", help="replay a CSV file through the detectors (tune them on history)"
+    )
+    bt.add_argument("input", help="CSV: timestamp,value or one column per sensor")
+    bt.add_argument("--out", required=True, help="CSV to write: timestamp,value,score,anomaly")
+    bt.add_argument("--config", help="TOML file whose [processing] section configures detectors")
+    bt.set_defaults(func=cmd_backtest)
+
+    ev = sub.add_parser("evaluate", help="score the detectors on the NAB or SKAB benchmark")
+    ev.add_argument("benchmark", choices=["nab", "skab"])
+    ev.add_argument("dir", help="the benchmark's folder (NAB: data/, labels/; SKAB: valve1/ ...)")
+    ev.add_argument("--config", help="TOML file whose [processing] section configures detectors")
+    ev.add_argument(
+        "--fit-rows",
+        type=int,
+        default=400,
+        help="SKAB: learn from each file's first N rows, then keep the baselines fixed, as "
+        "the benchmark's protocol fits on them (default 400; 0 keeps learning)",
+    )
+    ev.set_defaults(func=cmd_evaluate)
 
     schema = sub.add_parser("schema", help="print the JSON Schema of the telemetry payload")
     schema.add_argument("--out", help="write to this file instead of stdout")
