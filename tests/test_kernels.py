@@ -30,7 +30,7 @@ DETECTOR_SETS = [*SINGLE, DEFAULT_DETECTORS]
 SET_IDS = [*DEFAULT_DETECTORS, "all"]
 T0 = 1_700_000_000_000  # epoch ms
 BIT = {name: bit for bit, name in k.DETECTOR_NAMES.items()}
-STATE = ("zbuf", "msorted", "mring", "fstate", "istate")
+STATE = ("zbuf", "msorted", "mindex", "fstate", "istate")
 
 
 # ---------------------------------------------------------------------------- helpers
@@ -724,6 +724,6 @@ def test_state_of_100k_streams_fits_in_200_mb() -> None:
     bank = det.groups[0].bank
     assert bank.capacity >= 100_000
     total = sum(
-        arr.nbytes for arr in (bank.zbuf, bank.msorted, bank.mring, bank.fstate, bank.istate)
+        arr.nbytes for arr in (bank.zbuf, bank.msorted, bank.mindex, bank.fstate, bank.istate)
     )
     assert total < 200 * 2**20, f"{total / 2**20:.0f} MiB"

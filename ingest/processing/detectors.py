@@ -199,7 +199,7 @@ class DetectResult:
             getattr(self, f.name)[index] = getattr(part, f.name)
 
 
-_STATE_NAMES = ("zbuf", "msorted", "mring", "fstate", "istate")
+_STATE_NAMES = ("zbuf", "msorted", "mindex", "fstate", "istate")
 
 
 class DetectorBank:
@@ -222,7 +222,7 @@ class DetectorBank:
         self._vector = self.params.vector()
         zw = self.params.zscore_window if self._mask & k.ZSCORE else 1
         mw = self.params.mad_window if self._mask & k.MAD else 1
-        self.zbuf, self.msorted, self.mring, self.fstate, self.istate = k.new_state(
+        self.zbuf, self.msorted, self.mindex, self.fstate, self.istate = k.new_state(
             max(capacity, 1), zw, mw
         )
 
@@ -263,7 +263,7 @@ class DetectorBank:
             self._vector,
             self.zbuf,
             self.msorted,
-            self.mring,
+            self.mindex,
             self.fstate,
             self.istate,
             out.mean,

@@ -127,14 +127,14 @@ LOG1M_FLAT_ALPHA = math.log1p(-FLAT_ALPHA)
 
 
 def new_state(streams: int, zs_window: int, mad_window: int) -> tuple[np.ndarray, ...]:
-    """Zeroed state for ``streams`` streams: (zbuf, msorted, mring, fstate, istate)."""
+    """Zeroed state for ``streams`` streams: (zbuf, msorted, mindex, fstate, istate)."""
     zbuf = np.zeros((streams, zs_window), dtype=np.float64)
     msorted = np.zeros((streams, mad_window), dtype=np.float64)
-    mring = np.zeros((streams, mad_window), dtype=np.float64)
+    mindex = np.zeros((streams, 2 * mad_window), dtype=np.int32)
     fstate = np.zeros((streams, N_FLOAT_COLS), dtype=np.float64)
     istate = np.zeros((streams, N_INT_COLS), dtype=np.int64)
     istate[:, I_LAST_TS] = NO_TS
-    return zbuf, msorted, mring, fstate, istate
+    return zbuf, msorted, mindex, fstate, istate
 
 
 @njit(cache=True, nogil=True, inline="always")
@@ -182,44 +182,32 @@ def _flat_flagged(run: int, n: int, prep: float, flat_len: float) -> bool:
     return run < n - 1 and _flat_strength(run, prep, flat_len) >= 1.0
 
 
-@njit(cache=True, nogil=True, inline="always")
-def _bisect_left(a: np.ndarray, n: int, x: float) -> int:
-    """First index of the sorted prefix ``a[:n]`` whose value is not below ``x``.
-
-    Written so the comparison becomes a conditional move, not a branch: the
-    outcome is random for real data, and mispredicted branches would dominate.
-    """
-    if n == 0:
-        return 0
-    base = 0
-    length = n
-    while length > 1:
-        half = length >> 1
-        base += half * (a[base + half] < x)
-        length -= half
-    return int(base + (a[base] < x))
-
-
 @njit(cache=True, nogil=True)
-def _sorted_replace(s: np.ndarray, n: int, old: float, new: float, full: bool) -> None:
-    """Remove ``old`` (if ``full``) from the sorted prefix ``s[:n]`` and insert ``new``."""
-    if not full:
-        j = _bisect_left(s, n, new)
-        for m in range(n, j, -1):
-            s[m] = s[m - 1]
-        s[j] = new
-        return
-    j_old = _bisect_left(s, n, old)
-    j_new = _bisect_left(s, n, new)
-    # Position of ``new`` once ``old`` is gone, then one shift between the two.
-    p = j_new - 1 if j_new > j_old else j_new
-    if p >= j_old:
-        for j in range(j_old, p):
+def _sorted_insert(s: np.ndarray, idx: np.ndarray, n: int, slot: int, new: float) -> None:
+    """Put ``new``, arriving in ring slot ``slot``, into the sorted window ``s[:w]``.
+
+    ``idx[:w]`` holds the ring slot of each sorted position and ``idx[w:]`` the sorted
+    position of each ring slot (w = ``s.shape[0]``). While the window fills (``n`` < w
+    values so far) ``new`` goes in at the end; once full it takes the place of the value
+    it evicts from ``slot``. Either way it then walks to its rank, moving the values it
+    passes by one: no search, and the cost is how far its rank is from the old one's.
+    """
+    w = s.shape[0]
+    j = n if n < w else idx[w + slot]
+    while j > 0 and s[j - 1] > new:
+        s[j] = s[j - 1]
+        idx[j] = idx[j - 1]
+        idx[w + idx[j]] = j
+        j -= 1
+    if n >= w:
+        while j + 1 < w and s[j + 1] < new:
             s[j] = s[j + 1]
-    else:
-        for j in range(j_old, p, -1):
-            s[j] = s[j - 1]
-    s[p] = new
+            idx[j] = idx[j + 1]
+            idx[w + idx[j]] = j
+            j += 1
+    s[j] = new
+    idx[j] = slot
+    idx[w + slot] = j
 
 
 @njit(cache=True, nogil=True)
@@ -251,7 +239,7 @@ def detect(
     p: np.ndarray,  # float64[N_PARAMS]
     zbuf: np.ndarray,  # float64[streams, zs_window]: ring of the last values (shifted)
     msorted: np.ndarray,  # float64[streams, mad_window]: the last values, sorted
-    mring: np.ndarray,  # float64[streams, mad_window]: the same values in arrival order
+    mindex: np.ndarray,  # int32[streams, 2 * mad_window]: ring slot <-> sorted position
     fs: np.ndarray,  # float64[streams, N_FLOAT_COLS]
     ist: np.ndarray,  # int64[streams, N_INT_COLS]
     out_mean: np.ndarray,  # float64[n]: baseline level before the sample
@@ -550,10 +538,8 @@ def detect(
                 fs[r, F_EW_VAR] = (1.0 - alpha) * (ev + alpha * d * d)
         if use_mad and learn:
             pos = ist[r, I_MAD_POS]
-            old = mring[r, pos]
-            mring[r, pos] = x
+            _sorted_insert(msorted[r], mindex[r], n, pos, x)
             ist[r, I_MAD_POS] = pos + 1 if pos + 1 < mw else 0
-            _sorted_replace(msorted[r], min(n, mw), old, x, n >= mw)
         if use_cu:
             if cu_reset:
                 cu_pos = 0.0
