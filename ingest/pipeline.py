@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -65,6 +66,8 @@ class Processor:
         self.on_readings = on_readings
         #: Streams reported silent by :meth:`sweep_silent`, with the start of the silence.
         self.silent: dict[int, int] = {}
+        #: When each stream (global row) was last received, wall clock in ms.
+        self.last_seen = np.zeros(0, np.float64)
 
     def warm_up(self) -> None:
         """Compile / load the kernels before the first message arrives."""
@@ -110,10 +113,23 @@ class Processor:
                 event_line(self._event_series(row), "gap", start, int(ts[i]), None, "gap")
             )
 
+    def _close_silences(self, rows: Arr, ts: Arr, out: Processed) -> None:
+        """A stream the sweep found silent has spoken again: close its gap event."""
+        back = np.flatnonzero(np.isin(rows, np.fromiter(self.silent, np.int64)))
+        if not len(back):
+            return
+        last: dict[int, int] = {}
+        for i in back.tolist():
+            last[int(rows[i])] = max(last.get(int(rows[i]), 0), int(ts[i]))
+        for row, end in last.items():
+            start = self.silent.pop(row)
+            out.gaps += 1
+            out.lines.append(event_line(self._event_series(row), "gap", start, end, None, "gap"))
+
     def sweep_silent(self, now_ms: int) -> list[str]:
         """Open a ``gap`` event for every stream silent too long (once per silence)."""
         lines = []
-        for row in self.detectors.silent(now_ms).tolist():
+        for row in self.detectors.silent(now_ms, self.last_seen).tolist():
             if row in self.silent:
                 continue
             start = self.detectors.last_ts(row)
@@ -148,6 +164,14 @@ class Processor:
             out.anomalies = int(stats.anomaly.sum())
             if stats.event.any() or stats.gap.any():
                 self._event_lines(rows, ts, stats, out)
+            if self.silent:
+                self._close_silences(rows, ts, out)
+            n = len(self.registry)
+            if self.last_seen.shape[0] < n:
+                grown = np.zeros(max(n, 2 * self.last_seen.shape[0]), np.float64)
+                grown[: self.last_seen.shape[0]] = self.last_seen
+                self.last_seen = grown
+            self.last_seen[rows] = time.time() * 1000.0
             if self.on_readings is not None:
                 self.on_readings(self.registry, rows, ts, values, stats.anomaly)
         for st in batch.statuses:

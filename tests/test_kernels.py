@@ -622,6 +622,10 @@ def test_gap_and_silent_streams() -> None:
     for now, want in cases.items():
         assert bank.silent(int(now), 3).tolist() == want
         assert sorted(ref.silent(int(now))) == want
+    # Measured from when each stream was last received instead (a lagging device clock):
+    # stream 0 arrived just now, stream 1 long ago.
+    received = np.array([last0 + 10**9, 0.0, 0.0])
+    assert bank.silent(int(last0 + 10**9), 3, received).tolist() == [1]
     later = bank.update(np.zeros(20, np.int64), t0[n:], v0[n:])
     assert np.flatnonzero(later.gap).tolist() == [0]
     assert later.gap[0] == last0  # the silence started at the last sample before it

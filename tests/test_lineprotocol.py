@@ -66,3 +66,28 @@ def test_field_types_never_flip() -> None:
     lines = proc.process([("f/s/l/d/telemetry", p, time.time()) for p in payloads]).lines
     assert " value=5.0,score=0.0,anomaly=false,seq=0i " in lines[0]
     assert " value=5.0,mean=5.0,std=0.0,z=0.0,score=0.0,anomaly=false,seq=2i " in lines[2]
+
+
+def test_silent_stream_opens_one_gap_event_and_closes_it_when_back() -> None:
+    proc = Processor("f", DEFAULT_LIMITS, DetectorParams(warmup=5), 10)
+    now = int(time.time() * 1000)
+    payload = json.dumps(
+        {
+            "samples": [
+                {"ts": now - 10_000 + 1000 * i, "values": {"a": float(i % 3)}} for i in range(10)
+            ]
+        }
+    ).encode()
+    proc.process([("f/s/l/d/telemetry", payload, time.time())])
+    assert proc.sweep_silent(now) == []  # received just now
+    later = now + 60_000  # a minute without a message from a 1 Hz stream
+    (opened,) = proc.sweep_silent(later)
+    assert opened.startswith("anomaly_events,device=d,kind=gap,line=l,sensor=a,site=s ")
+    assert 'status="open"' in opened and opened.endswith(f" {now - 1000}")
+    assert proc.sweep_silent(later + 5_000) == []  # once per silence
+    back = json.dumps({"ts": now + 1000, "values": {"a": 1.0}}).encode()
+    lines = proc.process([("f/s/l/d/telemetry", back, time.time())]).lines
+    (closed,) = [line for line in lines if line.startswith("anomaly_events")]
+    assert 'status="closed"' in closed and f"end={now + 1000}i" in closed
+    assert closed.endswith(f" {now - 1000}")  # same point as the opening one
+    assert proc.silent == {}

@@ -280,20 +280,19 @@ class DetectorBank:
             out.ev_dets,
         )
 
-    def silent(self, now_ms: int, n_rows: int) -> IntArray:
-        """Rows silent for more than ``gap_factor`` usual intervals at ``now_ms``."""
+    def silent(
+        self, now_ms: float, n_rows: int, last_ms: npt.NDArray[Any] | None = None
+    ) -> IntArray:
+        """Rows (of the first ``n_rows``) silent for more than ``gap_factor`` usual intervals
+        at ``now_ms``: since their newest timestamp, or since ``last_ms[row]`` if given
+        (the service passes when it last received each stream, so a device whose clock
+        lags is not taken for a silent one)."""
         n_rows = min(n_rows, self.capacity)
-        out = np.empty(n_rows, np.int64)
-        m = k.silent_streams(
-            now_ms,
-            n_rows,
-            self.params.gap_factor,
-            self.params.warmup,
-            self.fstate,
-            self.istate,
-            out,
-        )
-        return out[:m]
+        mean_dt = self.fstate[:n_rows, k.F_MEAN_DT]
+        last = self.istate[:n_rows, k.I_LAST_TS] if last_ms is None else last_ms[:n_rows]
+        quiet = (self.istate[:n_rows, k.I_N] >= self.params.warmup) & (mean_dt > 0.0)
+        quiet &= now_ms - last > self.params.gap_factor * mean_dt
+        return np.flatnonzero(quiet).astype(np.int64)
 
     def state_arrays(self, n_rows: int) -> dict[str, npt.NDArray[Any]]:
         return {name: getattr(self, name)[:n_rows] for name in _STATE_NAMES}
@@ -309,7 +308,6 @@ class DetectorBank:
         """Compile (or load from cache) the kernel on a throw-away instance."""
         tmp = DetectorBank(self.params, capacity=1)
         tmp.update(np.zeros(1, np.int64), np.zeros(1, np.int64), np.zeros(1, np.float64))
-        tmp.silent(0, 1)
 
 
 @dataclass(frozen=True, slots=True)
@@ -392,14 +390,17 @@ class Detectors:
             out.scatter(index, part)
         return out
 
-    def silent(self, now_ms: int) -> IntArray:
-        """Global rows of the streams that are silent now (see :meth:`DetectorBank.silent`)."""
+    def silent(self, now_ms: float, last_ms: npt.NDArray[Any] | None = None) -> IntArray:
+        """Global rows of the streams that are silent now (see :meth:`DetectorBank.silent`);
+        ``last_ms`` is indexed by global row."""
         self._assign()
-        found = [
-            np.asarray(grp.rows, np.int64)[grp.bank.silent(now_ms, len(grp.rows))]
-            for grp in self.groups
-            if grp.rows
-        ]
+        found = []
+        for grp in self.groups:
+            if not grp.rows:
+                continue
+            rows = np.asarray(grp.rows, np.int64)
+            last = None if last_ms is None else last_ms[rows]
+            found.append(rows[grp.bank.silent(now_ms, len(rows), last)])
         return np.concatenate(found) if found else np.zeros(0, np.int64)
 
     def last_ts(self, row: int) -> int:

@@ -583,31 +583,3 @@ def detect(
             fs[r, F_RC_VAR] = rv
         fs[r, F_LAST_X] = x
         ist[r, I_N] = n + 1
-
-
-@njit(cache=True, nogil=True)
-def silent_streams(
-    now_ms: int,
-    n_rows: int,
-    gap_factor: float,
-    warmup: int,
-    fs: np.ndarray,
-    ist: np.ndarray,
-    out_rows: np.ndarray,  # int64[n_rows]
-) -> int:
-    """Rows (of the first ``n_rows``) silent for more than ``gap_factor`` usual intervals.
-
-    Fills ``out_rows`` and returns how many; for a periodic sweep that finds
-    devices that went offline before their next sample says so.
-    """
-    k = 0
-    for r in range(n_rows):
-        mean_dt = fs[r, F_MEAN_DT]
-        if (
-            ist[r, I_N] >= warmup
-            and mean_dt > 0.0
-            and now_ms - ist[r, I_LAST_TS] > gap_factor * mean_dt
-        ):
-            out_rows[k] = r
-            k += 1
-    return k
