@@ -126,8 +126,18 @@ class Processor:
             out.gaps += 1
             out.lines.append(event_line(self._event_series(row), "gap", start, end, None, "gap"))
 
+    def _track_streams(self, now_ms: float) -> None:
+        """Give streams new to :attr:`last_seen` (registered, or restored from a
+        snapshot and not heard from since) ``now_ms`` as their last arrival."""
+        n, have = len(self.registry), self.last_seen.shape[0]
+        if have < n:
+            grown = np.full(max(n, 2 * have), now_ms, np.float64)
+            grown[:have] = self.last_seen
+            self.last_seen = grown
+
     def sweep_silent(self, now_ms: int) -> list[str]:
         """Open a ``gap`` event for every stream silent too long (once per silence)."""
+        self._track_streams(time.time() * 1000.0)
         lines = []
         for row in self.detectors.silent(now_ms, self.last_seen).tolist():
             if row in self.silent:
@@ -166,12 +176,9 @@ class Processor:
                 self._event_lines(rows, ts, stats, out)
             if self.silent:
                 self._close_silences(rows, ts, out)
-            n = len(self.registry)
-            if self.last_seen.shape[0] < n:
-                grown = np.zeros(max(n, 2 * self.last_seen.shape[0]), np.float64)
-                grown[: self.last_seen.shape[0]] = self.last_seen
-                self.last_seen = grown
-            self.last_seen[rows] = time.time() * 1000.0
+            now = time.time() * 1000.0
+            self._track_streams(now)
+            self.last_seen[rows] = now
             if self.on_readings is not None:
                 self.on_readings(self.registry, rows, ts, values, stats.anomaly)
         for st in batch.statuses:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -91,3 +92,18 @@ def test_silent_stream_opens_one_gap_event_and_closes_it_when_back() -> None:
     assert 'status="closed"' in closed and f"end={now + 1000}i" in closed
     assert closed.endswith(f" {now - 1000}")  # same point as the opening one
     assert proc.silent == {}
+
+
+def test_sweep_right_after_a_restore_knows_every_stream(tmp_path: Path) -> None:
+    """Streams restored from a snapshot count as heard from at the restore, not never."""
+    first = Processor("f", DEFAULT_LIMITS, DetectorParams(warmup=5), 10)
+    now = int(time.time() * 1000)
+    payload = json.dumps(
+        {"samples": [{"ts": now - 10_000 + 1000 * i, "values": {"a": 1.0 + i}} for i in range(10)]}
+    ).encode()
+    first.process([("f/s/l/d/telemetry", payload, time.time())])
+    first.detectors.save(tmp_path / "state.npz")
+    second = Processor("f", DEFAULT_LIMITS, DetectorParams(warmup=5), 10)
+    assert second.detectors.load(tmp_path / "state.npz") == 1
+    assert second.sweep_silent(now) == []
+    assert len(second.sweep_silent(now + 3_600_000)) == 1  # an hour later: silent
