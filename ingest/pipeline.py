@@ -82,29 +82,21 @@ class Processor:
     def _event_lines(self, rows: Arr, ts: Arr, res: DetectResult, out: Processed) -> None:
         """Episode and gap lines for the ``anomaly_events`` measurement."""
         for i in np.flatnonzero(res.event).tolist():
-            row = int(rows[i])
-            kind = int(res.event[i])
-            dets = ",".join(detector_names(int(res.ev_dets[i])))
-            start = int(res.ev_start[i])
-            if kind == k.EVENT_OPENED:
+            opened = int(res.event[i]) == k.EVENT_OPENED
+            if opened:
                 out.events_opened += 1
-                out.lines.append(
-                    event_line(
-                        self._event_series(row), "anomaly", start, None, float(res.ev_peak[i]), dets
-                    )
-                )
             else:
                 out.events_closed += 1
-                out.lines.append(
-                    event_line(
-                        self._event_series(row),
-                        "anomaly",
-                        start,
-                        int(res.ev_end[i]),
-                        float(res.ev_peak[i]),
-                        dets,
-                    )
+            out.lines.append(
+                event_line(
+                    self._event_series(int(rows[i])),
+                    "anomaly",
+                    int(res.ev_start[i]),
+                    None if opened else int(res.ev_end[i]),
+                    float(res.ev_peak[i]),
+                    ",".join(detector_names(int(res.ev_dets[i]))),
                 )
+            )
         for i in np.flatnonzero(res.gap).tolist():
             row = int(rows[i])
             out.gaps += 1
