@@ -1,4 +1,4 @@
-"""The ``ingest`` command: run, demo, simulate, backtest, evaluate, schema."""
+"""The ``ingest`` command: run, demo, simulate, backtest, evaluate, grafana, schema."""
 
 from __future__ import annotations
 
@@ -131,6 +131,37 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_grafana_export(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from ingest.grafana import write_provisioning
+
+    for path in write_provisioning(Path(args.out)):
+        print(path)
+    return 0
+
+
+def cmd_grafana_push(args: argparse.Namespace) -> int:
+    from ingest.grafana.push import PushError, push
+
+    token = args.token or os.environ.get("GRAFANA_TOKEN", "")
+    password = args.influx_password or os.environ.get("GRAFANA_INFLUX_PASSWORD", "")
+    try:
+        result = push(
+            args.url,
+            token,
+            database=args.database,
+            influx_url=args.influx_url,
+            influx_user=args.influx_user,
+            influx_password=password,
+        )
+    except (PushError, ValueError) as exc:
+        print(f"ingest: error: {exc}", file=sys.stderr)
+        return 1
+    print(result.summary())
+    return 0
+
+
 def _version() -> str:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -204,6 +235,24 @@ def build_parser() -> argparse.ArgumentParser:
         "the benchmark's protocol fits on them (default 400; 0 keeps learning)",
     )
     ev.set_defaults(func=cmd_evaluate)
+
+    graf = sub.add_parser("grafana", help="Grafana dashboards and alerts, provisioned as code")
+    gsub = graf.add_subparsers(dest="grafana_command", required=True)
+    export = gsub.add_parser("export", help="write the provisioning files (the compose stack's)")
+    export.add_argument("--out", default="grafana/provisioning", help="provisioning folder")
+    export.set_defaults(func=cmd_grafana_export)
+    gpush = gsub.add_parser(
+        "push", help="put the data source, dashboards and alert rules into a running Grafana"
+    )
+    gpush.add_argument("--url", required=True, help="Grafana's base URL")
+    gpush.add_argument(
+        "--token", help="service account token (default: $GRAFANA_TOKEN; keeps it out of ps)"
+    )
+    gpush.add_argument("--database", default="factory", help="InfluxQL database (v2: bucket)")
+    gpush.add_argument("--influx-url", default="http://influxdb:8086", help="as Grafana sees it")
+    gpush.add_argument("--influx-user", default="grafana", help="read-only InfluxQL login")
+    gpush.add_argument("--influx-password", help="its password (default: $GRAFANA_INFLUX_PASSWORD)")
+    gpush.set_defaults(func=cmd_grafana_push)
 
     schema = sub.add_parser("schema", help="print the JSON Schema of the telemetry payload")
     schema.add_argument("--out", help="write to this file instead of stdout")

@@ -69,6 +69,21 @@ class Metrics:
         with self._lock:
             return {**self.counters, "rejects": dict(self.rejects), **self.gauges}
 
+    def stats_fields(self) -> tuple[dict[str, int], dict[str, float], dict[str, int]]:
+        """Counters, gauges and rejects by reason, as the ``ingest_stats`` fields.
+
+        ``rejected_total`` is named ``rejected``, and ``uptime_seconds`` is added.
+        """
+        with self._lock:
+            counters = {
+                ("rejected" if name == "rejected_total" else name): n
+                for name, n in self.counters.items()
+            }
+            rejects = dict(self.rejects)
+            gauges = {name: float(v) for name, v in list(self.gauges.items())}
+        gauges["uptime_seconds"] = time.time() - self.started
+        return counters, gauges, rejects
+
     def render(self) -> str:
         snap = self.snapshot()
         out = []

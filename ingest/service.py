@@ -18,6 +18,7 @@ from ingest.pipeline import Processor, ReadingsHook
 from ingest.sinks.base import Sink, WriteError
 from ingest.sinks.file import LineProtocolFileSink
 from ingest.sinks.influx import InfluxV1Sink, InfluxV2Sink
+from ingest.sinks.lineprotocol import stats_lines
 from ingest.spool import Spool, SpoolFullError
 from ingest.writer import BatchWriter, WriteResult
 
@@ -74,6 +75,7 @@ class IngestService:
         self._state_file = Path(p.state_file) if p.state_file else None
         self._next_snapshot = 0.0
         self._next_sweep = 0.0
+        self._next_stats = 0.0
         self.sink = sink or build_sink(settings)
         self.source = MqttSource(settings.mqtt, self.metrics, settings.service.max_queued_bytes)
         self.dead_letter = self._build_dead_letter()
@@ -268,19 +270,31 @@ class IngestService:
         log.debug("detector state of %d streams saved to %s", n, path)
 
     def _periodic(self) -> list[str]:
-        """Snapshots of the detector state, and the sweep for silent streams."""
+        """Snapshots of the detector state, the sweep for silent streams, and the
+        ``ingest_stats`` points; returns the lines to write."""
         now = time.monotonic()
+        lines: list[str] = []
         if now >= self._next_snapshot:
             if self._next_snapshot:
                 self._save_state()
             self._next_snapshot = now + self.settings.processing.snapshot_interval
-        if now < self._next_sweep:
-            return []
-        self._next_sweep = now + SWEEP_INTERVAL
-        lines = self.processor.sweep_silent(int(time.time() * 1000))
-        self.metrics.inc("event_points", len(lines))
-        self.metrics.set("streams_silent", len(self.processor.silent))
+        if now >= self._next_sweep:
+            self._next_sweep = now + SWEEP_INTERVAL
+            events = self.processor.sweep_silent(int(time.time() * 1000))
+            self.metrics.inc("event_points", len(events))
+            self.metrics.set("streams_silent", len(self.processor.silent))
+            lines.extend(events)
+        interval = self.settings.service.stats_interval
+        if interval and now >= self._next_stats:
+            self._next_stats = now + interval
+            lines.extend(self.stats_lines())
         return lines
+
+    def stats_lines(self, ts_ms: int | None = None) -> list[str]:
+        """The service's metrics now, as ``ingest_stats`` points tagged with the client id."""
+        counters, gauges, rejects = self.metrics.stats_fields()
+        when = int(time.time() * 1000) if ts_ms is None else ts_ms
+        return stats_lines(self.settings.mqtt.client_id, counters, gauges, rejects, when)
 
     def _watchdog(self) -> None:
         """Renew a subscription that has gone quiet while connected (a broker that lost

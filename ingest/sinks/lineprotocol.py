@@ -9,6 +9,9 @@ Schema (contract v1):
   ``status="open"|"closed",open=true|false,detectors="…"[,peak_score=…]``
   ``[,end=Ni,duration_s=…] <start ms>``: one point per episode, at its start; the
   closing write has the same series and time, so it completes the opening one.
+* ``ingest_stats,instance=I <counter>=Ni,...,<gauge>=…,... <ms>``: the service's own
+  counters (cumulative, integers) and gauges (floats), every ``service.stats_interval``;
+  plus ``ingest_stats,instance=I,reason=R rejected=Ni <ms>`` per rejection reason.
 
 Timestamps are the device's, in milliseconds, so a redelivered sample
 overwrites its own point instead of adding one. Tag values are validated
@@ -19,7 +22,7 @@ structure of a line.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy.typing as npt
@@ -27,6 +30,7 @@ import numpy.typing as npt
 TELEMETRY = "telemetry"
 DEVICE_STATUS = "device_status"
 ANOMALY_EVENTS = "anomaly_events"
+INGEST_STATS = "ingest_stats"
 
 _TAG_ESCAPES = str.maketrans({",": r"\,", "=": r"\=", " ": r"\ ", "\\": "\\\\"})
 
@@ -131,3 +135,29 @@ def telemetry_lines(
 def status_line(site: str, line: str, device: str, online: bool, ts_ms: int) -> str:
     key = series_key(DEVICE_STATUS, {"site": site, "line": line, "device": device})
     return f"{key} online={'true' if online else 'false'} {ts_ms}"
+
+
+def stats_lines(
+    instance: str,
+    counters: Mapping[str, int],
+    gauges: Mapping[str, float],
+    rejects: Mapping[str, int],
+    ts_ms: int,
+) -> list[str]:
+    """The service's own metrics as ``ingest_stats`` points.
+
+    Counters are written as integers and gauges as floats, always, so a field's
+    type never changes from one write to the next (InfluxDB refuses a change).
+    A gauge that is not finite is left out of that point. Each rejection reason
+    gets its own series (tag ``reason``) with one integer field, ``rejected``.
+    """
+    key = series_key(INGEST_STATS, {"instance": instance})
+    fields = [f"{escape_tag(name)}={int(n)}i" for name, n in counters.items()]
+    fields += [
+        f"{escape_tag(name)}={format_float(v)}" for name, v in gauges.items() if math.isfinite(v)
+    ]
+    out = [f"{key} {','.join(fields)} {ts_ms}"]
+    for reason, n in sorted(rejects.items()):
+        reason_key = series_key(INGEST_STATS, {"instance": instance, "reason": reason})
+        out.append(f"{reason_key} rejected={int(n)}i {ts_ms}")
+    return out

@@ -146,6 +146,9 @@ def ingest_env(unique: str, mqtt_broker: str, tmp_path: Path) -> dict[str, str]:
             "INGEST_SERVICE_LOG_LEVEL": "INFO",
             "INGEST_SPOOL_DIR": str(tmp_path / "spool"),
             "INGEST_PROCESSING_STATE_FILE": str(tmp_path / "state" / "detectors.npz"),
+            # No ingest_stats points: tests count exactly the points and measurements they
+            # expect (test_grafana_queries.py turns them on).
+            "INGEST_SERVICE_STATS_INTERVAL": "0",
         }
     )
     return env

@@ -82,9 +82,9 @@ def test_type_conflict_isolates_only_the_conflicting_points(
     metrics = ingest.metrics()
     assert metrics["ingest_lines_dead_lettered_total"] == len(conflicting)
     # Every telemetry point stored, plus the anomaly_events points (a ramp is a drift).
-    assert metrics["ingest_points_written_total"] == len(stored) + metrics[
-        "ingest_event_points_total"
-    ]
+    assert (
+        metrics["ingest_points_written_total"] == len(stored) + metrics["ingest_event_points_total"]
+    )
     assert ingest.running and ingest.healthy()
     print(f"\n{len(conflicting)} conflicting points dead-lettered, {len(stored)} written")
     watcher.loop_stop()
