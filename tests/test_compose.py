@@ -424,7 +424,10 @@ def test_env_example_has_no_secret_values() -> None:
 def test_no_literal_secrets_in_service_environments() -> None:
     for name, svc in services().items():
         for key, value in environment(svc).items():
-            if re.search(r"PASSWORD|TOKEN|SECRET", key):
+            if re.search(r"PASSWORD|TOKEN|SECRET", key) and key.endswith(("_FILE", "_DIR")):
+                # Where a secret is kept (INGEST_INFLUX_TOKEN_FILE), not the secret.
+                assert re.fullmatch(r"/[\w./-]+", value), f"{name}.{key}: {value!r}"
+            elif re.search(r"PASSWORD|TOKEN|SECRET", key):
                 assert re.fullmatch(r"\$\{[A-Z_]+:\?[^}]*\}", value), f"{name}.{key}"
             assert not re.search(r"://[^/:@\s]+:[^$/@\s]+@", value), f"{name}.{key}: password"
 
@@ -445,17 +448,23 @@ def test_ingest_service_runs_ingest_run() -> None:
     }
 
 
-def test_ingest_environment_is_a_valid_configuration() -> None:
+def test_ingest_environment_is_a_valid_configuration(tmp_path: Path) -> None:
     env = filled_env()
     svc = resolved_services()["ingest"]
-    settings = load_settings(environ=environment(svc))
+    environ = environment(svc)
+    # The token file lives on the influx-tokens volume; here, a stand-in with a token.
+    token_file = tmp_path / "ingest"
+    token_file.write_text("write-only-token\n")
+    assert environ["INGEST_INFLUX_TOKEN_FILE"] == "/run/influx-tokens/ingest"
+    environ["INGEST_INFLUX_TOKEN_FILE"] = str(token_file)
+    settings = load_settings(environ=environ)
     assert settings.mqtt.url == f"mqtt://ingest:{env['INGEST_MQTT_PASSWORD']}@mosquitto:1883"
     assert settings.mqtt.topic_prefix == "factory"
     assert settings.influx.url == "http://influxdb:8086"
     assert settings.influx.api == "v2"
     assert settings.influx.org == env["INFLUXDB_ORG"]
     assert settings.influx.bucket == env["INFLUXDB_BUCKET"]
-    assert settings.influx.token == env["INFLUXDB_ADMIN_TOKEN"]
+    assert settings.influx.token == "write-only-token"
     assert settings.service.log_level == env["INGEST_LOG_LEVEL"]
 
 
@@ -514,6 +523,308 @@ def test_grafana_service() -> None:
     (prov,) = [m for m in mounts(svc) if m["target"] == "/etc/grafana/provisioning"]
     assert prov["read_only"] and (REPO / prov["source"]).resolve() == GRAFANA_PROVISIONING
     assert "/api/health" in " ".join(svc["healthcheck"]["test"])
+
+
+# === the ingest token: write-only, never the operator token ===============================
+
+INGEST_TOKEN_SCRIPT = REPO / "influxdb" / "init" / "20-ingest-token.sh"
+ROTATE_TOKEN = REPO / "scripts" / "rotate-influx-token.sh"
+TOKEN_VOLUME = "influx-tokens"
+
+
+def volume_mount(service: dict[str, Any], volume: str) -> dict[str, Any]:
+    (mount,) = [m for m in mounts(service) if m["type"] == "volume" and m["source"] == volume]
+    return mount
+
+
+def dockerfile_ingest_uid() -> str:
+    ins = dockerfile_instructions()
+    (uid,) = [a.split("=", 1)[1] for i, a in ins if i == "ARG" and a.startswith("INGEST_UID=")]
+    return uid
+
+
+def test_ingest_holds_no_admin_token() -> None:
+    svcs = services()
+    ingest, influxdb = svcs["ingest"], svcs["influxdb"]
+    env = environment(ingest)
+    assert "INGEST_INFLUX_TOKEN" not in env, "ingest must read its token from the file"
+    assert "INFLUXDB_ADMIN_TOKEN" not in variables(ingest), "ingest must not see the operator token"
+    # Only the influxdb service (its initial setup) knows the operator token.
+    for name, svc in svcs.items():
+        if name != "influxdb":
+            assert "INFLUXDB_ADMIN_TOKEN" not in variables(svc), name
+    # ingest reads the token file from the shared volume, which it cannot write.
+    token_file = Path(env["INGEST_INFLUX_TOKEN_FILE"])
+    theirs = volume_mount(ingest, TOKEN_VOLUME)
+    assert theirs["read_only"] is True
+    assert token_file.parent == Path(theirs["target"])
+    # influxdb writes it there: same volume, writable, at the directory the init script uses.
+    ours = volume_mount(influxdb, TOKEN_VOLUME)
+    assert not ours.get("read_only")
+    influx_env = environment(influxdb)
+    assert Path(ours["target"]) == Path(influx_env["INGEST_TOKEN_DIR"]) == token_file.parent
+    assert token_file.name == "ingest"  # the name 20-ingest-token.sh writes
+    # ... owned by the user the ingest image runs as.
+    assert influx_env["INGEST_UID"] == dockerfile_ingest_uid()
+    assert [a for i, a in dockerfile_instructions() if i == "USER"][-1] == "ingest"
+    # ingest starts once influxdb is healthy, which on a first start means after the init
+    # scripts (they run before influxd listens on the port the healthcheck pings).
+    assert ingest["depends_on"]["influxdb"] == {"condition": "service_healthy"}
+    assert "8086" in " ".join(influxdb["healthcheck"]["test"])
+    # The simulator does not need InfluxDB at all.
+    sim = svcs["simulator"]
+    assert "influxdb" not in sim.get("depends_on", {})
+    assert not any(m["source"] == TOKEN_VOLUME for m in mounts(sim))
+    assert not any(k.startswith("INGEST_INFLUX") for k in environment(sim))
+
+
+def test_init_scripts_run_in_order() -> None:
+    # The image runs them with run-parts --regex '.*sh$': in lexical order.
+    names = sorted(p.name for p in (REPO / "influxdb" / "init").iterdir())
+    assert names == ["10-influxql.sh", "20-ingest-token.sh"]
+
+
+# A stand-in for the influx CLI: logs its arguments (JSON, one call a line) and answers
+# `auth create --json`, `auth delete` and `bucket list` as the real one does.
+FAKE_INFLUX = """#!{python}
+import json, os, sys
+from pathlib import Path
+state = Path(os.environ["FAKE_INFLUX_STATE"])
+with open(state / "calls.jsonl", "a") as log:
+    log.write(json.dumps(sys.argv[1:]) + "\\n")
+args = sys.argv[1:]
+if os.environ.get("FAKE_INFLUX_FAIL") == " ".join(args[:2]):
+    sys.exit("Error: simulated failure")
+if args[:2] == ["auth", "create"]:
+    n = len(list(state.glob("token-*"))) + 1
+    token = f"tok{{n}}-" + "Ab0_-" * 16 + "=="
+    (state / f"token-{{n}}").write_text(token)
+    if os.environ.get("FAKE_INFLUX_GARBAGE"):
+        print("not json")
+        sys.exit(0)
+    bucket = args[args.index("--write-bucket") + 1]
+    print(json.dumps({{
+        "id": f"{{n:016x}}", "description": args[args.index("--description") + 1],
+        "token": token, "status": "active", "userName": "admin", "userID": "a" * 16,
+        "permissions": [f"write:orgs/{{'b' * 16}}/buckets/{{bucket}}"],
+    }}, indent=2))
+elif args[:2] in (["auth", "list"], ["auth", "delete"]):
+    auth_id = args[args.index("--id") + 1]
+    gone = state / f"deleted-{{auth_id}}"
+    if gone.exists() or not (state / f"token-{{int(auth_id, 16)}}").exists():
+        sys.exit(f"Error: could not find authorization with ID {{auth_id!r}}")
+    if args[1] == "delete":
+        gone.touch()
+    print(json.dumps({{"id": auth_id, "token": "deleted-token-value"}}))
+elif args[:2] == ["bucket", "list"]:
+    print("0123456789abcdef\\tplant\\t2160h0m0s\\tn/a\\t" + "b" * 16)
+else:
+    sys.exit(f"fake influx: unexpected {{args}}")
+"""
+
+
+class FakeInflux:
+    def __init__(self, tmp_path: Path) -> None:
+        self.state = tmp_path / "influx-state"
+        self.state.mkdir()
+        self.bin = tmp_path / "bin"
+        self.bin.mkdir(exist_ok=True)
+        stub = self.bin / "influx"
+        stub.write_text(FAKE_INFLUX.format(python=sys.executable))
+        stub.chmod(0o755)
+        self.tokens = tmp_path / "tokens"  # the influx-tokens volume
+        self.tokens.mkdir()
+        # The environment of the influxdb container (as compose sets it).
+        self.env = {
+            "PATH": f"{self.bin}:{os.environ['PATH']}",
+            "FAKE_INFLUX_STATE": str(self.state),
+            "DOCKER_INFLUXDB_INIT_ORG": "acme",
+            "DOCKER_INFLUXDB_INIT_BUCKET": "plant",
+            "DOCKER_INFLUXDB_INIT_USERNAME": "admin",
+            "INGEST_TOKEN_DIR": str(self.tokens),
+            "INGEST_UID": dockerfile_ingest_uid(),
+        }
+
+    def calls(self) -> list[list[str]]:
+        log = self.state / "calls.jsonl"
+        if not log.exists():
+            return []
+        return [json.loads(line) for line in log.read_text().splitlines()]
+
+    def token(self, n: int) -> str:
+        return (self.state / f"token-{n}").read_text()
+
+
+def require_root() -> None:
+    if os.geteuid() != 0:
+        pytest.skip("the init script hands the token file to another uid: needs root")
+
+
+def run_token_script(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([str(INGEST_TOKEN_SCRIPT)], env=env, capture_output=True, text=True,
+                          check=False, timeout=60)  # fmt: skip
+
+
+def test_ingest_token_init_script(tmp_path: Path) -> None:
+    require_root()
+    fake = FakeInflux(tmp_path)
+    uid = int(fake.env["INGEST_UID"])
+    # As the image runs it: right after the setup, with the bucket ID exported.
+    out = run_token_script({**fake.env, "DOCKER_INFLUXDB_INIT_BUCKET_ID": "00000000000000b1"})
+    assert out.returncode == 0, out.stderr
+    ((*create, description_flag, description, json_flag),) = fake.calls()
+    assert create == ["auth", "create", "--org", "acme", "--user", "admin",
+                      "--write-bucket", "00000000000000b1"]  # fmt: skip
+    # Exactly one permission, write on the bucket: no read, no all-access or operator.
+    assert (description_flag, json_flag) == ("--description", "--json")
+    assert "write-only" in description and "plant" in description
+    token_file, id_file = fake.tokens / "ingest", fake.tokens / "ingest.id"
+    assert token_file.read_text() == fake.token(1) + "\n"
+    st = token_file.stat()
+    assert stat.S_IMODE(st.st_mode) == 0o400 and (st.st_uid, st.st_gid) == (uid, uid)
+    assert id_file.read_text() == f"{1:016x}\n"
+    d = fake.tokens.stat()
+    assert stat.S_IMODE(d.st_mode) == 0o750 and (d.st_uid, d.st_gid) == (0, uid)
+    assert sorted(p.name for p in fake.tokens.iterdir()) == ["ingest", "ingest.id"]
+    assert fake.token(1) not in out.stdout + out.stderr, "the token was printed"
+    assert f"{1:016x}" in out.stdout
+    # As the rotation runs it: no bucket ID in the environment, so it is looked up.
+    out = run_token_script(fake.env)
+    assert out.returncode == 0, out.stderr
+    lookup, create2 = fake.calls()[1:]
+    assert lookup == ["bucket", "list", "--org", "acme", "--name", "plant", "--hide-headers"]
+    assert create2[create2.index("--write-bucket") + 1] == "0123456789abcdef"
+    assert token_file.read_text() == fake.token(2) + "\n"
+    assert id_file.read_text() == f"{2:016x}\n"
+    assert stat.S_IMODE(token_file.stat().st_mode) == 0o400
+    # A failure leaves the current token in place and no temporary file behind.
+    for failure in ({"FAKE_INFLUX_FAIL": "auth create"}, {"FAKE_INFLUX_GARBAGE": "1"}):
+        out = run_token_script({**fake.env, **failure})
+        assert out.returncode != 0, failure
+        assert token_file.read_text() == fake.token(2) + "\n"
+        assert id_file.read_text() == f"{2:016x}\n"
+        assert sorted(p.name for p in fake.tokens.iterdir()) == ["ingest", "ingest.id"]
+    # Missing settings: it stops before creating anything.
+    before = len(fake.calls())
+    for missing in ("INGEST_UID", "INGEST_TOKEN_DIR", "DOCKER_INFLUXDB_INIT_USERNAME"):
+        env = {k: v for k, v in fake.env.items() if k != missing}
+        assert run_token_script(env).returncode != 0, missing
+    assert run_token_script({**fake.env, "INGEST_UID": "ingest"}).returncode != 0
+    assert len(fake.calls()) == before
+
+
+# A stand-in for the docker CLI, as far as scripts/rotate-influx-token.sh uses it: `compose
+# exec -T influxdb ...` runs the command here, in the influxdb container's environment,
+# with the init directory mapped to influxdb/init; the rest is logged and answered.
+FAKE_DOCKER = """#!{python}
+import json, os, subprocess, sys
+from pathlib import Path
+state = Path(os.environ["FAKE_INFLUX_STATE"])
+with open(state / "docker.jsonl", "a") as log:
+    log.write(json.dumps(sys.argv[1:]) + "\\n")
+args = sys.argv[1:]
+if args[:4] == ["compose", "exec", "-T", "influxdb"]:
+    cmd = [c.replace("/docker-entrypoint-initdb.d/", "{init}/") for c in args[4:]]
+    sys.exit(subprocess.run(cmd).returncode)
+if args == ["compose", "restart", "ingest"]:
+    sys.exit(0)
+if args == ["compose", "ps", "-q", "ingest"]:
+    print("c0ffee")
+    sys.exit(0)
+if args[:1] == ["inspect"] and args[-1] == "c0ffee":
+    print(os.environ.get("FAKE_HEALTH", "healthy"))
+    sys.exit(0)
+sys.exit(f"fake docker: unexpected {{args}}")
+"""
+
+
+def test_rotate_influx_token(tmp_path: Path) -> None:
+    require_root()
+    fake = FakeInflux(tmp_path)
+    docker = fake.bin / "docker"
+    docker.write_text(FAKE_DOCKER.format(python=sys.executable, init=INGEST_TOKEN_SCRIPT.parent))
+    docker.chmod(0o755)
+
+    def rotate(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(["bash", str(ROTATE_TOKEN), *args], env={**fake.env, **env},
+                              cwd=tmp_path, capture_output=True, text=True, check=False,
+                              timeout=60)  # fmt: skip
+
+    def docker_calls() -> list[list[str]]:
+        log = fake.state / "docker.jsonl"
+        calls = [json.loads(line) for line in log.read_text().splitlines()]
+        log.unlink()
+        return calls
+
+    def deletes() -> list[str]:
+        return [c[c.index("--id") + 1] for c in fake.calls() if c[:2] == ["auth", "delete"]]
+
+    token_file = fake.tokens / "ingest"
+    # A stack set up before ingest had its own token: no file, nothing to revoke.
+    out = rotate()
+    assert out.returncode == 0, out.stderr
+    assert token_file.read_text() == fake.token(1) + "\n"
+    calls = docker_calls()
+    init = "/docker-entrypoint-initdb.d/20-ingest-token.sh"
+    assert ["compose", "exec", "-T", "influxdb", init] in calls
+    assert ["compose", "restart", "ingest"] in calls
+    assert deletes() == [] and "nothing to revoke" in out.stdout
+    # A rotation: new token, ingest restarted (before the old one goes), old one revoked.
+    out = rotate()
+    assert out.returncode == 0, out.stderr
+    assert token_file.read_text() == fake.token(2) + "\n"
+    assert deletes() == [f"{1:016x}"]
+    calls = docker_calls()
+    restart = calls.index(["compose", "restart", "ingest"])
+    delete = next(n for n, c in enumerate(calls) if "delete" in c)
+    assert restart < delete
+    for n in (1, 2):
+        assert fake.token(n) not in out.stdout + out.stderr, "a token was printed"
+    assert "deleted-token-value" not in out.stdout + out.stderr
+    # ingest does not come back healthy: the old token stays valid, and the way to revoke
+    # it later is printed.
+    out = rotate("--timeout", "0", FAKE_HEALTH="unhealthy")
+    assert out.returncode == 1
+    assert token_file.read_text() == fake.token(3) + "\n"
+    assert deletes() == [f"{1:016x}"]
+    assert f"influx auth delete --id {2:016x}" in out.stderr
+    # The previous authorization is gone already (a restored backup that predates it).
+    (fake.state / f"deleted-{3:016x}").touch()
+    out = rotate()
+    assert out.returncode == 0, out.stderr
+    assert "does not exist" in out.stdout and deletes() == [f"{1:016x}"]
+    assert token_file.read_text() == fake.token(4) + "\n"
+    # Creating the token fails: nothing restarted, nothing revoked, the file unchanged.
+    docker_calls()
+    out = rotate(FAKE_INFLUX_FAIL="auth create")
+    assert out.returncode == 1 and "nothing changed" in out.stderr
+    assert ["compose", "restart", "ingest"] not in docker_calls()
+    assert token_file.read_text() == fake.token(4) + "\n"
+    assert rotate("--timeout").returncode == 2
+    assert rotate("--timeout", "soon").returncode == 1
+
+
+def test_shell_scripts_parse_and_pass_shellcheck() -> None:
+    scripts = sorted([*(REPO / "scripts").glob("*.sh"), *(REPO / "influxdb" / "init").glob("*.sh")])
+    assert INGEST_TOKEN_SCRIPT in scripts and ROTATE_TOKEN in scripts
+    for script in scripts:
+        out = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True,
+                             check=False)  # fmt: skip
+        assert out.returncode == 0, f"{script.name}: {out.stderr}"
+    shellcheck = shutil.which("shellcheck")
+    if shellcheck is None:
+        pytest.skip("shellcheck not installed (apt-get install shellcheck)")
+    out = subprocess.run([shellcheck, "-x", *map(str, scripts)], cwd=REPO, capture_output=True,
+                         text=True, check=False)  # fmt: skip
+    assert out.returncode == 0, out.stdout
+
+
+def test_rotate_script_is_documented() -> None:
+    readme = (REPO / "README.md").read_text()
+    assert "scripts/rotate-influx-token.sh" in readme
+    for step in ("influx backup", "influx restore", "scripts/add-device.sh",
+                 "reset-admin-password"):  # fmt: skip
+        assert step in readme, step
 
 
 # === Dockerfile and .dockerignore =========================================================
@@ -611,10 +922,17 @@ def test_grafana_datasource() -> None:
     assert ds["jsonData"]["dbName"] == "${GRAFANA_INFLUX_DATABASE}"
     assert ds["basicAuth"] is True and ds["basicAuthUser"] == "grafana"
     assert ds["secureJsonData"] == {"basicAuthPassword": "${GRAFANA_INFLUX_PASSWORD}"}
-    # Every variable of the provisioning files is set on the grafana service.
+    # Every variable of the provisioning files is set on the grafana service. Grafana does
+    # not expand variables in the queries and annotations of an alert rule: they hold
+    # Grafana's own ($timeFilter, {{ $labels.device }}). It does expand the rules' labels.
     grafana_env = environment(services()["grafana"])
     for path in GRAFANA_PROVISIONING.rglob("*.y*ml"):
-        for name in variables(yaml.safe_load(path.read_text())):
+        doc = yaml.safe_load(path.read_text())
+        for group in doc.get("groups", []):
+            for rule in group["rules"]:
+                assert not variables(rule["labels"]), f"{path.name}: $ in {rule['uid']} labels"
+                del rule["data"], rule["annotations"]
+        for name in variables(doc):
             assert name in grafana_env, f"{path.name}: ${name} is not set for grafana"
 
 
@@ -628,22 +946,33 @@ def test_grafana_dashboards() -> None:
     assert files
     ds = yaml.safe_load((GRAFANA_PROVISIONING / "datasources" / "influxdb.yml").read_text())
     uid = ds["datasources"][0]["uid"]
-    queries = []
+    # The files are generated by ingest/grafana (tests/test_grafana_provisioning.py checks
+    # they are current); tests/integration/test_grafana_queries.py runs every query.
+    assert [f.stem for f in files] == [
+        "factory-machine-detail", "factory-pipeline-health", "factory-plant-overview"]  # fmt: skip
+    measurements = set()
     for f in files:
         dash = json.loads(f.read_text())
-        assert dash["uid"] and dash["title"] and dash["panels"]
+        assert dash["uid"] == f.stem and dash["title"] and dash["panels"]
         for panel in dash["panels"]:
+            assert panel["targets"], panel["title"]
             for target in panel["targets"]:
                 assert target["datasource"]["uid"] == uid
                 assert target["rawQuery"] is True
-                queries.append(target["query"])
-    assert all(f'FROM "{TELEMETRY}"' in q and "$timeFilter" in q for q in queries)
-    assert any('mean("value")' in q and '"device", "sensor"' in q for q in queries)
-    assert any('"anomaly" = true' in q and "count(" in q for q in queries)
+                query = target["query"]
+                assert "$timeFilter" in query or "${__to}" in query, query
+                measurements.update(re.findall(r'FROM "(\w+)"', query))
+    assert measurements == {TELEMETRY, "anomaly_events", "ingest_stats"}
+    rules = yaml.safe_load((GRAFANA_PROVISIONING / "alerting" / "rules.yml").read_text())
+    (group,) = rules["groups"]
+    assert group["folder"] == provider["folder"]
+    for rule in group["rules"]:
+        assert rule["data"][0]["datasourceUid"] == uid
+        assert "$timeFilter" in rule["data"][0]["model"]["query"]
 
 
 def test_influxdb_init_script(tmp_path: Path) -> None:
-    (script,) = (REPO / "influxdb" / "init").glob("*.sh")
+    script = REPO / "influxdb" / "init" / "10-influxql.sh"
     fake = tmp_path / "bin"
     fake.mkdir()
     log = tmp_path / "influx.log"
