@@ -128,15 +128,22 @@ class Processor:
             self.last_seen = grown
 
     def sweep_silent(self, now_ms: int) -> list[str]:
-        """Open a ``gap`` event for every stream silent too long (once per silence)."""
+        """Open a ``gap`` event for every stream silent too long (once per silence), and
+        end the anomaly episode it was in, if any: no sample will end it meanwhile."""
         self._track_streams(time.time() * 1000.0)
         lines = []
         for row in self.detectors.silent(now_ms, self.last_seen).tolist():
             if row in self.silent:
                 continue
+            series = self._event_series(row)
+            episode = self.detectors.end_episode(row)
+            if episode is not None:
+                start, end, peak, dets = episode
+                names = ",".join(detector_names(dets))
+                lines.append(event_line(series, "anomaly", start, end, peak, names))
             start = self.detectors.last_ts(row)
             self.silent[row] = start
-            lines.append(event_line(self._event_series(row), "gap", start, None, None, "gap"))
+            lines.append(event_line(series, "gap", start, None, None, "gap"))
         return lines
 
     def process(self, messages: list[tuple[str, bytes, float]]) -> Processed:

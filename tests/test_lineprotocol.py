@@ -107,3 +107,26 @@ def test_sweep_right_after_a_restore_knows_every_stream(tmp_path: Path) -> None:
     assert second.detectors.load(tmp_path / "state.npz") == 1
     assert second.sweep_silent(now) == []
     assert len(second.sweep_silent(now + 3_600_000)) == 1  # an hour later: silent
+
+
+def test_a_stream_gone_silent_mid_episode_ends_the_episode() -> None:
+    proc = Processor("f", DEFAULT_LIMITS, DetectorParams(warmup=5, hold=50), 10)
+    now = int(time.time() * 1000)
+    values = [1.0, 2.0] * 10 + [500.0]  # ends on a spike: an episode opens, nothing ends it
+    samples = [{"ts": now - 30_000 + 1000 * i, "values": {"a": v}} for i, v in enumerate(values)]
+    lines = proc.process(
+        [("f/s/l/d/telemetry", json.dumps({"samples": samples}).encode(), time.time())]
+    ).lines
+    spike_ts = samples[-1]["ts"]
+    assert any('status="open"' in x and x.endswith(f" {spike_ts}") for x in lines)
+    swept = proc.sweep_silent(now + 60_000)
+    closed = [x for x in swept if "kind=anomaly" in x]
+    assert len(closed) == 1 and 'status="closed"' in closed[0]
+    assert f"end={spike_ts}i" in closed[0] and closed[0].endswith(f" {spike_ts}")
+    assert any("kind=gap" in x and 'status="open"' in x for x in swept)
+    # When the stream is back, a new anomaly opens a new episode.
+    back = [{"ts": now + 1000 * i, "values": {"a": 900.0}} for i in range(1, 3)]
+    again = proc.process(
+        [("f/s/l/d/telemetry", json.dumps({"samples": back}).encode(), time.time())]
+    ).lines
+    assert any("kind=anomaly" in x and 'status="open"' in x for x in again)

@@ -409,6 +409,26 @@ class Detectors:
         grp = self.groups[int(self._group_of[row])]
         return int(grp.bank.istate[int(self._local[row]), k.I_LAST_TS])
 
+    def end_episode(self, row: int) -> tuple[int, int, float, int] | None:
+        """End the stream's open episode now, as if ``hold`` quiet samples had passed:
+        for a stream gone silent mid-episode. Returns (start, last hit, peak, detectors)
+        of the episode, or None if none was open."""
+        self._assign()
+        bank = self.groups[int(self._group_of[row])].bank
+        r = int(self._local[row])
+        ist, fs = bank.istate, bank.fstate
+        if not ist[r, k.I_ACTIVE]:
+            return None
+        ist[r, k.I_ACTIVE] = 0
+        ist[r, k.I_HITS] = 0
+        ist[r, k.I_QUIET] = bank.params.hold
+        return (
+            int(ist[r, k.I_EV_START]),
+            int(ist[r, k.I_EV_LAST_HIT]),
+            float(fs[r, k.F_EV_PEAK]),
+            int(ist[r, k.I_EV_DETS]),
+        )
+
     def warm_up_jit(self) -> None:
         self.groups[0].bank.warm_up_jit()
 
