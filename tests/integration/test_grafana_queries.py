@@ -4,8 +4,11 @@ The data is made the way production makes it: the fleet simulator publishes thro
 real Mosquitto to a real ``ingest run``, which writes to a fresh InfluxDB database:
 two sites (``plant1`` with six machines on two lines, ``plant2`` with one machine that
 stops a minute early and so goes silent), injected faults, malformed messages of every
-kind the simulator knows (rejects by reason), one spike at the very end (an anomaly
-episode that stays open), and ``ingest_stats`` every half second.
+kind the simulator knows (rejects by reason), one spike at the very end (an episode the
+silence sweep then ends), one sensor of ``plant1/line1/cnc-002`` that goes on publishing
+in real time while the queries run, away from its baseline and then stuck on one value
+(an anomaly episode that is open: a silent stream's episode is ended by the sweep), and
+``ingest_stats`` every half second.
 
 Then every query is read from the committed files under ``grafana/provisioning``:
 each template variable, each panel target (each clone of a repeated panel), each
@@ -27,6 +30,7 @@ import math
 import os
 import re
 import signal
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -195,6 +199,39 @@ def publish(prefix: str, messages: list[tuple[str, str, str, bytes]]) -> None:
         client.loop_stop()
 
 
+LIVE = ("plant1", "line1", "cnc-002")
+
+
+def publish_live(prefix: str, stop: threading.Event) -> None:
+    """One sensor at 10 Hz in real time: off its baseline, then stuck on one value."""
+    client = paho.Client(CallbackAPIVersion.VERSION2)
+    host, _, port = MQTT_HOSTPORT.rpartition(":")
+    client.connect(host, int(port))
+    client.loop_start()
+    topic = telemetry_topic(prefix, *LIVE)
+    try:
+        i = 0
+        while not stop.is_set():
+            value = 20.0 + 0.1 * (i % 7) if i < 60 else 25.0
+            sample = {"ts": int(time.time() * 1000), "values": {"spindle_temp": value}}
+            client.publish(topic, json.dumps(sample), qos=1).wait_for_publish(10)
+            i += 1
+            stop.wait(0.1)
+    finally:
+        client.disconnect()
+        client.loop_stop()
+
+
+def open_episodes(db: str) -> set[str]:
+    rows = influx_rows(
+        INFLUX_URL,
+        db,
+        'SELECT "open" FROM anomaly_events WHERE "kind" = \'anomaly\' AND "open" = true '
+        'GROUP BY "device"',
+    )
+    return {r["device"] for r in rows}
+
+
 def open_gaps(db: str) -> set[tuple[str, str]]:
     rows = influx_rows(
         INFLUX_URL,
@@ -233,6 +270,8 @@ def loaded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Loaded]:
         }
     )
     ingest = IngestProcess(env, tmp / "ingest.log").start()
+    stop_live = threading.Event()
+    live = threading.Thread(target=publish_live, args=(prefix, stop_live), daemon=True)
     try:
         start_ms = int(time.time() * 1000) - SECONDS_A * 1000 - 5000
         plant2 = Fleet(1, site="plant2", seed=11, start_ms=start_ms, fault_rate=1.0)
@@ -264,13 +303,21 @@ def loaded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Loaded]:
         assert wait_for(lambda: influx_count(INFLUX_URL, db, "telemetry") >= readings, 60), (
             f"{influx_count(INFLUX_URL, db, 'telemetry')} of {readings}\n{ingest.log()}"
         )
+        live.start()
         # The sweep (every 5 s) marks the streams silent once nothing arrives.
         assert wait_for(
             lambda: {("plant2", "cnc-001"), ("plant1", "cnc-001")} <= open_gaps(db), 30
         ), f"no gap events: {open_gaps(db)}\n{ingest.log()}"
+        # The live machine got stuck: its episode is open, the silent ones' are not.
+        assert wait_for(lambda: open_episodes(db) == {LIVE[2]}, 30), (
+            f"open episodes: {open_episodes(db)}\n{ingest.log()}"
+        )
         time.sleep(1.5)  # a few more ingest_stats points after the last change
         yield Loaded(db, instance, start_ms - 1000, int(time.time() * 1000) + 1000, ingest)
     finally:
+        stop_live.set()
+        if live.is_alive():
+            live.join(5)
         if ingest.running:
             ingest.stop(signal.SIGTERM)
         influx_drop_db(INFLUX_URL, db)
