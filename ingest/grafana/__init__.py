@@ -269,6 +269,22 @@ class _Board:
         self._row_h = max(self._row_h, h)
         return panel
 
+    def series(
+        self, title: str, description: str, query: str, alias: str, *, counts: bool = False
+    ) -> dict[str, Any]:
+        """A half-width time series of one query: lines, or bars of whole counts."""
+        defaults = _timeseries_defaults("short", bars=counts)
+        return self.add(
+            "timeseries",
+            title,
+            description,
+            [_target(query, alias=alias)],
+            w=12,
+            h=8,
+            defaults={**defaults, "decimals": 0} if counts else defaults,
+            options=_TS_OPTIONS,
+        )
+
 
 def _query_variable(
     name: str,
@@ -690,21 +706,13 @@ def _machine_detail() -> dict[str, Any]:
         ),
         options=_TS_OPTIONS,
     )
-    b.add(
-        "timeseries",
+    b.series(
         "Anomalous readings",
         "Readings with the anomaly flag raised, per interval and sensor.",
-        [
-            _target(
-                f'SELECT count("value") FROM {_T} WHERE "anomaly" = true AND $timeFilter '
-                f'AND {_STREAM} GROUP BY time($__interval), "sensor" fill(none)',
-                alias="$tag_sensor",
-            )
-        ],
-        w=12,
-        h=8,
-        defaults={**_timeseries_defaults("short", bars=True), "decimals": 0},
-        options=_TS_OPTIONS,
+        f'SELECT count("value") FROM {_T} WHERE "anomaly" = true AND $timeFilter '
+        f'AND {_STREAM} GROUP BY time($__interval), "sensor" fill(none)',
+        "$tag_sensor",
+        counts=True,
     )
     b.add(
         "table",
@@ -891,56 +899,29 @@ def _pipeline_health() -> dict[str, Any]:
         defaults={"unit": "s", "color": {"mode": "fixed", "fixedColor": "text"}},
         options=_stat_options(),
     )
-    b.add(
-        "timeseries",
+    b.series(
         "Messages received and acknowledged /s",
         "MQTT messages received per second, and acknowledged once their samples are stored.",
-        [
-            _target(
-                f"SELECT {_rate('messages_received', 'received')}, "
-                f"{_rate('messages_acked', 'acknowledged')} FROM {_S} {where} {per_instance}",
-                alias="$tag_instance $col",
-            )
-        ],
-        w=12,
-        h=8,
-        defaults=_timeseries_defaults("short"),
-        options=_TS_OPTIONS,
+        f"SELECT {_rate('messages_received', 'received')}, "
+        f"{_rate('messages_acked', 'acknowledged')} FROM {_S} {where} {per_instance}",
+        "$tag_instance $col",
     )
-    b.add(
-        "timeseries",
+    b.series(
         "Samples in and points written /s",
         "Valid samples and readings decoded per second, and points stored in the database "
         "per second (telemetry, events, status and ingest_stats points).",
-        [
-            _target(
-                f"SELECT {_rate('samples_accepted', 'samples')}, "
-                f"{_rate('readings_accepted', 'readings')}, "
-                f"{_rate('points_written', 'points written')} FROM {_S} {where} {per_instance}",
-                alias="$tag_instance $col",
-            )
-        ],
-        w=12,
-        h=8,
-        defaults=_timeseries_defaults("short"),
-        options=_TS_OPTIONS,
+        f"SELECT {_rate('samples_accepted', 'samples')}, "
+        f"{_rate('readings_accepted', 'readings')}, "
+        f"{_rate('points_written', 'points written')} FROM {_S} {where} {per_instance}",
+        "$tag_instance $col",
     )
-    b.add(
-        "timeseries",
+    b.series(
         "Rejects by reason /s",
         "Messages or samples rejected per second, by reason (see docs/contract.md); each is "
         "also sent to the dead-letter topic.",
-        [
-            _target(
-                f"SELECT {_rate('rejected')} FROM {_S} {where} AND \"reason\" != '' "
-                'GROUP BY time($__interval), "instance", "reason" fill(none)',
-                alias="$tag_reason ($tag_instance)",
-            )
-        ],
-        w=12,
-        h=8,
-        defaults=_timeseries_defaults("short"),
-        options=_TS_OPTIONS,
+        f"SELECT {_rate('rejected')} FROM {_S} {where} AND \"reason\" != '' "
+        'GROUP BY time($__interval), "instance", "reason" fill(none)',
+        "$tag_reason ($tag_instance)",
     )
     b.add(
         "bargauge",
@@ -1023,42 +1004,26 @@ def _pipeline_health() -> dict[str, Any]:
         ],
         options=_TS_OPTIONS,
     )
-    b.add(
-        "timeseries",
+    b.series(
         "Write retries, failures and spooling",
         "Per interval: writes retried, writes that failed (before a retry), batches spooled "
         "to disk and spooled batches replayed to the database.",
-        [
-            _target(
-                f"SELECT {_delta('write_retries', 'retries')}, "
-                f"{_delta('write_failures', 'failures')}, "
-                f"{_delta('batches_spooled', 'batches spooled')}, "
-                f"{_delta('batches_replayed', 'batches replayed')} "
-                f"FROM {_S} {where} {per_instance}",
-                alias="$tag_instance $col",
-            )
-        ],
-        w=12,
-        h=8,
-        defaults={**_timeseries_defaults("short", bars=True), "decimals": 0},
-        options=_TS_OPTIONS,
+        f"SELECT {_delta('write_retries', 'retries')}, "
+        f"{_delta('write_failures', 'failures')}, "
+        f"{_delta('batches_spooled', 'batches spooled')}, "
+        f"{_delta('batches_replayed', 'batches replayed')} "
+        f"FROM {_S} {where} {per_instance}",
+        "$tag_instance $col",
+        counts=True,
     )
-    b.add(
-        "timeseries",
+    b.series(
         "MQTT reconnects",
         "Per interval: (re)connections to the broker, and subscriptions renewed by the stall "
         "watchdog (mqtt.stall_timeout).",
-        [
-            _target(
-                f"SELECT {_delta('reconnects', 'reconnects')}, "
-                f"{_delta('stalls', 'watchdog renewals')} FROM {_S} {where} {per_instance}",
-                alias="$tag_instance $col",
-            )
-        ],
-        w=12,
-        h=8,
-        defaults={**_timeseries_defaults("short", bars=True), "decimals": 0},
-        options=_TS_OPTIONS,
+        f"SELECT {_delta('reconnects', 'reconnects')}, "
+        f"{_delta('stalls', 'watchdog renewals')} FROM {_S} {where} {per_instance}",
+        "$tag_instance $col",
+        counts=True,
     )
     b.add(
         "table",
