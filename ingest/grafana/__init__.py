@@ -285,6 +285,28 @@ class _Board:
             options=_TS_OPTIONS,
         )
 
+    def stat(
+        self,
+        title: str,
+        description: str,
+        query: str,
+        alias: str,
+        defaults: dict[str, Any],
+        *,
+        graph: bool = False,
+    ) -> dict[str, Any]:
+        """A small stat panel of one query (with a sparkline if ``graph``)."""
+        return self.add(
+            "stat",
+            title,
+            description,
+            [_target(query, alias=alias)],
+            w=4,
+            h=5,
+            defaults=defaults,
+            options=_stat_options(graph=graph),
+        )
+
 
 def _query_variable(
     name: str,
@@ -779,19 +801,12 @@ def _pipeline_health() -> dict[str, Any]:
     b = _Board()
     per_instance = 'GROUP BY time($__interval), "instance" fill(none)'
     where = f"WHERE $timeFilter AND {_INSTANCE}"
-    b.add(
-        "stat",
+    b.stat(
         "MQTT connected",
         "Whether each ingest instance is connected to the broker (its latest ingest_stats).",
-        [
-            _target(
-                f'SELECT last("mqtt_connected") FROM {_S} {where} GROUP BY "instance"',
-                alias="$tag_instance",
-            )
-        ],
-        w=4,
-        h=5,
-        defaults={
+        f'SELECT last("mqtt_connected") FROM {_S} {where} GROUP BY "instance"',
+        "$tag_instance",
+        {
             "color": {"mode": "thresholds"},
             "thresholds": _thresholds((None, "red"), (1, "green")),
             "mappings": [
@@ -804,100 +819,62 @@ def _pipeline_health() -> dict[str, Any]:
                 }
             ],
         },
-        options=_stat_options(),
     )
-    b.add(
-        "stat",
+    b.stat(
         "Unacknowledged messages",
         "Messages handed to the writer and not yet acknowledged to the broker. It grows "
         "while the database is slow or down (and the spool is off or full).",
-        [
-            _target(
-                f'SELECT last("pending_messages") FROM {_S} {where} GROUP BY "instance"',
-                alias="$tag_instance",
-            )
-        ],
-        w=4,
-        h=5,
-        defaults={
+        f'SELECT last("pending_messages") FROM {_S} {where} GROUP BY "instance"',
+        "$tag_instance",
+        {
             "unit": "short",
             "decimals": 0,
             "color": {"mode": "thresholds"},
             "thresholds": _thresholds((None, "green"), (1000, "orange"), (5000, "red")),
         },
-        options=_stat_options(graph=True),
+        graph=True,
     )
-    b.add(
-        "stat",
+    b.stat(
         "Streams / silent streams",
         "Sensor streams (device x sensor) ingest tracks, and those silent for more than "
         "processing.gap_factor usual intervals.",
-        [
-            _target(
-                f'SELECT last("streams") AS "streams", last("streams_silent") AS "silent" '
-                f'FROM {_S} {where} GROUP BY "instance"',
-                alias="$tag_instance $col",
-            )
-        ],
-        w=4,
-        h=5,
-        defaults={"unit": "short", "decimals": 0, "color": {"mode": "fixed", "fixedColor": "blue"}},
-        options=_stat_options(),
+        f'SELECT last("streams") AS "streams", last("streams_silent") AS "silent" '
+        f'FROM {_S} {where} GROUP BY "instance"',
+        "$tag_instance $col",
+        {"unit": "short", "decimals": 0, "color": {"mode": "fixed", "fixedColor": "blue"}},
     )
-    b.add(
-        "stat",
+    b.stat(
         "Write latency (last)",
         "Duration of the latest successful database write, retries included.",
-        [
-            _target(
-                f'SELECT last("write_latency_seconds") FROM {_S} {where} GROUP BY "instance"',
-                alias="$tag_instance",
-            )
-        ],
-        w=4,
-        h=5,
-        defaults={
+        f'SELECT last("write_latency_seconds") FROM {_S} {where} GROUP BY "instance"',
+        "$tag_instance",
+        {
             "unit": "s",
             "decimals": 3,
             "color": {"mode": "thresholds"},
             "thresholds": _thresholds((None, "green"), (1, "orange"), (5, "red")),
         },
-        options=_stat_options(graph=True),
+        graph=True,
     )
-    b.add(
-        "stat",
+    b.stat(
         "Spool backlog",
         "Batches waiting in the on-disk spool for the database to come back.",
-        [
-            _target(
-                f'SELECT last("spool_batches") FROM {_S} {where} GROUP BY "instance"',
-                alias="$tag_instance",
-            )
-        ],
-        w=4,
-        h=5,
-        defaults={
+        f'SELECT last("spool_batches") FROM {_S} {where} GROUP BY "instance"',
+        "$tag_instance",
+        {
             "unit": "short",
             "decimals": 0,
             "color": {"mode": "thresholds"},
             "thresholds": _thresholds((None, "green"), (1, "orange")),
         },
-        options=_stat_options(graph=True),
+        graph=True,
     )
-    b.add(
-        "stat",
+    b.stat(
         "Uptime",
         "Time since each ingest instance started.",
-        [
-            _target(
-                f'SELECT last("uptime_seconds") FROM {_S} {where} GROUP BY "instance"',
-                alias="$tag_instance",
-            )
-        ],
-        w=4,
-        h=5,
-        defaults={"unit": "s", "color": {"mode": "fixed", "fixedColor": "text"}},
-        options=_stat_options(),
+        f'SELECT last("uptime_seconds") FROM {_S} {where} GROUP BY "instance"',
+        "$tag_instance",
+        {"unit": "s", "color": {"mode": "fixed", "fixedColor": "text"}},
     )
     b.series(
         "Messages received and acknowledged /s",
