@@ -29,10 +29,11 @@ Conventions of the queries (every one of them is run against a real InfluxDB by
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
+
+import yaml
 
 from ingest.sinks.lineprotocol import ANOMALY_EVENTS, INGEST_STATS, TELEMETRY
 
@@ -1203,56 +1204,12 @@ def alert_rules() -> dict[str, Any]:
 
 # --- files ----------------------------------------------------------------------------------
 
-_YAML_PLAIN = re.compile(r"[A-Za-z_$/][A-Za-z0-9_.$/{}()-]*")
-#: Plain scalars that YAML (1.1 or 1.2) would read as something else than a string.
-_YAML_SPECIAL = {"y", "n", "yes", "no", "on", "off", "true", "false", "null"}
-
-
-def _yaml_scalar(value: Any) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int | float):
-        return repr(value)
-    text = str(value)
-    if "\n" in text or any(ord(c) < 32 for c in text):
-        return json.dumps(text, ensure_ascii=False)  # a JSON string is a YAML string
-    if _YAML_PLAIN.fullmatch(text) and text.lower() not in _YAML_SPECIAL:
-        return text
-    return "'" + text.replace("'", "''") + "'"
-
-
-def _yaml_lines(value: Any, indent: int) -> list[str]:
-    pad = " " * indent
-    if isinstance(value, dict):
-        if not value:
-            return [pad + "{}"]
-        out = []
-        for key, item in value.items():
-            if isinstance(item, dict | list) and item:
-                out.append(f"{pad}{_yaml_scalar(str(key))}:")
-                out += _yaml_lines(item, indent + 2)
-            else:
-                out.append(f"{pad}{_yaml_scalar(str(key))}: {_yaml_lines(item, 0)[0]}")
-        return out
-    if isinstance(value, list):
-        if not value:
-            return [pad + "[]"]
-        out = []
-        for item in value:
-            sub = _yaml_lines(item, indent + 2)
-            out.append(f"{pad}- {sub[0][indent + 2 :]}")
-            out += sub[1:]
-        return out
-    return [pad + _yaml_scalar(value)]
-
-
 def to_yaml(doc: Any, header: str = "") -> str:
     """Block-style YAML of plain data (dicts, lists, strings, numbers, booleans, None),
     deterministic, with ``header`` as ``#`` comment lines on top."""
     comments = "".join(f"# {line}".rstrip() + "\n" for line in header.splitlines())
-    return comments + "\n".join(_yaml_lines(doc, 0)) + "\n"
+    body = yaml.safe_dump(doc, sort_keys=False, allow_unicode=True, width=1 << 20)  # no folding
+    return comments + body
 
 
 def to_json(doc: Any) -> str:
