@@ -21,13 +21,9 @@ from ingest.processing.detectors import (
     StreamRegistry,
     detector_names,
 )
-from ingest.sinks.lineprotocol import (
-    event_line,
-    event_series,
-    status_line,
-    telemetry_lines,
-    telemetry_series,
-)
+from ingest.sinks import lpformat
+from ingest.sinks.base import LineBatch
+from ingest.sinks.lineprotocol import event_line, event_series, status_line, telemetry_series
 
 #: Called with (registry, rows, ts, values, anomaly) after each batch; the demo scores with it.
 Arr = npt.NDArray[Any]
@@ -36,7 +32,7 @@ ReadingsHook = Callable[[StreamRegistry, Arr, Arr, Arr, Arr], None]
 
 @dataclass(slots=True)
 class Processed:
-    lines: list[str] = field(default_factory=list)
+    lines: LineBatch = field(default_factory=LineBatch)
     rejections: list[Rejection] = field(default_factory=list)
     samples: int = 0
     readings: int = 0
@@ -61,7 +57,7 @@ class Processor:
         self.registry = StreamRegistry(max_streams)
         self.decoder = Decoder(prefix, limits, self.registry)
         self.detectors = Detectors(self.registry, params, rules or [])
-        self.series: list[str] = []
+        self.series = lpformat.SeriesTable()
         self.event_series: dict[int, str] = {}
         self.on_readings = on_readings
         #: Streams reported silent by :meth:`sweep_silent`, with the start of the silence.
@@ -72,6 +68,7 @@ class Processor:
     def warm_up(self) -> None:
         """Compile / load the kernels before the first message arrives."""
         self.detectors.warm_up_jit()
+        lpformat.warm_up()
 
     def _event_series(self, row: int) -> str:
         key = self.event_series.get(row)
@@ -79,15 +76,11 @@ class Processor:
             key = self.event_series[row] = event_series(*self.registry.keys[row])
         return key
 
-    def _event_lines(self, rows: Arr, ts: Arr, res: DetectResult, out: Processed) -> None:
+    def _event_lines(self, rows: Arr, ts: Arr, res: DetectResult, out: list[str]) -> None:
         """Episode and gap lines for the ``anomaly_events`` measurement."""
         for i in np.flatnonzero(res.event).tolist():
             opened = int(res.event[i]) == k.EVENT_OPENED
-            if opened:
-                out.events_opened += 1
-            else:
-                out.events_closed += 1
-            out.lines.append(
+            out.append(
                 event_line(
                     self._event_series(int(rows[i])),
                     "anomaly",
@@ -99,24 +92,21 @@ class Processor:
             )
         for i in np.flatnonzero(res.gap).tolist():
             row = int(rows[i])
-            out.gaps += 1
             start = self.silent.pop(row, int(res.gap[i]))
-            out.lines.append(
-                event_line(self._event_series(row), "gap", start, int(ts[i]), None, "gap")
-            )
+            out.append(event_line(self._event_series(row), "gap", start, int(ts[i]), None, "gap"))
 
-    def _close_silences(self, rows: Arr, ts: Arr, out: Processed) -> None:
+    def _close_silences(self, rows: Arr, ts: Arr, out: list[str]) -> int:
         """A stream the sweep found silent has spoken again: close its gap event."""
         back = np.flatnonzero(np.isin(rows, np.fromiter(self.silent, np.int64)))
         if not len(back):
-            return
+            return 0
         last: dict[int, int] = {}
         for i in back.tolist():
             last[int(rows[i])] = max(last.get(int(rows[i]), 0), int(ts[i]))
         for row, end in last.items():
             start = self.silent.pop(row)
-            out.gaps += 1
-            out.lines.append(event_line(self._event_series(row), "gap", start, end, None, "gap"))
+            out.append(event_line(self._event_series(row), "gap", start, end, None, "gap"))
+        return len(last)
 
     def _track_streams(self, now_ms: float) -> None:
         """Give streams new to :attr:`last_seen` (registered, or restored from a
@@ -150,13 +140,14 @@ class Processor:
         batch = DecodedBatch()
         self.decoder.decode(messages, batch)
         out = Processed(rejections=batch.rejections, samples=batch.samples)
+        extra: list[str] = []
         if batch.rows:
             rows, ts, values = batch.arrays()
             stats = self.detectors.update(rows, ts, values)
             keys = self.registry.keys
-            while len(self.series) < len(keys):
-                self.series.append(telemetry_series(*keys[len(self.series)]))
-            out.lines = telemetry_lines(
+            if len(self.series) < len(keys):
+                self.series.extend([telemetry_series(*key) for key in keys[len(self.series) :]])
+            body = lpformat.telemetry_body(
                 self.series,
                 rows,
                 ts,
@@ -166,20 +157,26 @@ class Processor:
                 stats.z,
                 stats.score,
                 stats.anomaly,
-                batch.seq,
-                batch.rx_time,
+                np.fromiter(batch.seq, np.int64, len(batch.seq)),
+                np.fromiter(batch.rx_time, np.bool_, len(batch.rx_time)),
             )
+            out.lines.add_body(body, len(rows))
             out.readings = len(rows)
             out.anomalies = int(stats.anomaly.sum())
             if stats.event.any() or stats.gap.any():
-                self._event_lines(rows, ts, stats, out)
+                opened = int((stats.event == k.EVENT_OPENED).sum())
+                out.events_opened += opened
+                out.events_closed += int(np.count_nonzero(stats.event)) - opened
+                out.gaps += int(np.count_nonzero(stats.gap))
+                self._event_lines(rows, ts, stats, extra)
             if self.silent:
-                self._close_silences(rows, ts, out)
+                out.gaps += self._close_silences(rows, ts, extra)
             now = time.time() * 1000.0
             self._track_streams(now)
             self.last_seen[rows] = now
             if self.on_readings is not None:
                 self.on_readings(self.registry, rows, ts, values, stats.anomaly)
         for st in batch.statuses:
-            out.lines.append(status_line(st.site, st.line, st.device, st.online, st.ts_ms))
+            extra.append(status_line(st.site, st.line, st.device, st.online, st.ts_ms))
+        out.lines.extend(extra)
         return out

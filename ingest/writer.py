@@ -7,10 +7,10 @@ import logging
 import random
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable
 
 from ingest.metrics import Metrics, RateLimitedLog
-from ingest.sinks.base import Sink, WriteError
+from ingest.sinks.base import LineBatch, Sink, WriteError, as_batch
 
 log = logging.getLogger(__name__)
 
@@ -50,9 +50,25 @@ class BatchWriter:
         self.retry_max = retry_max
         self.stop = stop or threading.Event()
         self._log = RateLimitedLog(log, burst=3, period=30.0)
-        self.refused = 0  # lines the database refused, dead-lettered
+        self.refused = 0  # lines the database refused, dead-lettered (all calls)
+        self._lock = threading.Lock()
 
-    def write(self, lines: Sequence[str], give_up_after: float | None = None) -> WriteResult:
+    def write(
+        self, lines: LineBatch | Iterable[str], give_up_after: float | None = None
+    ) -> WriteResult:
+        return self.write_counted(lines, give_up_after)[0]
+
+    def write_counted(
+        self, lines: LineBatch | Iterable[str], give_up_after: float | None = None
+    ) -> tuple[WriteResult, int]:
+        """As :meth:`write`; also says how many lines of this batch were refused.
+        Safe to call from several threads at once (pipelined writes)."""
+        refused = [0]
+        return self._write(as_batch(lines), give_up_after, refused), refused[0]
+
+    def _write(
+        self, lines: LineBatch, give_up_after: float | None, refused: list[int]
+    ) -> WriteResult:
         if not lines:
             return WriteResult.WRITTEN
         deadline = None if give_up_after is None else time.monotonic() + give_up_after
@@ -64,7 +80,7 @@ class BatchWriter:
             except WriteError as exc:
                 self.metrics.inc("write_failures")
                 if not exc.retryable:
-                    return self._isolate(lines, exc, give_up_after)
+                    return self._isolate(lines, exc, give_up_after, refused)
                 wait = exc.retry_after if exc.retry_after is not None else delay
                 wait = min(wait, self.retry_max) * random.uniform(0.8, 1.2)
                 if deadline is not None and time.monotonic() + wait > deadline:
@@ -83,16 +99,19 @@ class BatchWriter:
                 delay = min(delay * 2, self.retry_max)
 
     def _isolate(
-        self, lines: Sequence[str], exc: WriteError, give_up_after: float | None
+        self, lines: LineBatch, exc: WriteError, give_up_after: float | None, refused: list[int]
     ) -> WriteResult:
         if len(lines) == 1:
-            log.warning("database refused a point, dead-lettered: %s | %s", exc, lines[0][:200])
+            (line,) = lines
+            log.warning("database refused a point, dead-lettered: %s | %s", exc, line[:200])
             self.metrics.inc("lines_dead_lettered")
-            self.refused += 1
-            self.on_refused(lines[0], str(exc))
+            with self._lock:
+                self.refused += 1
+            refused[0] += 1
+            self.on_refused(line, str(exc))
             return WriteResult.WRITTEN
-        mid = len(lines) // 2
-        first = self.write(lines[:mid], give_up_after)
+        first_half, second_half = lines.halves()
+        first = self._write(first_half, give_up_after, refused)
         if first is not WriteResult.WRITTEN:
             return first
-        return self.write(lines[mid:], give_up_after)
+        return self._write(second_half, give_up_after, refused)

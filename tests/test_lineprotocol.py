@@ -64,7 +64,7 @@ def test_field_types_never_flip() -> None:
     payloads = [
         json.dumps({"ts": now + i, "seq": i, "values": {"a": 5}}).encode() for i in range(3)
     ]
-    lines = proc.process([("f/s/l/d/telemetry", p, time.time()) for p in payloads]).lines
+    lines = list(proc.process([("f/s/l/d/telemetry", p, time.time()) for p in payloads]).lines)
     assert " value=5.0,score=0.0,anomaly=false,seq=0i " in lines[0]
     assert " value=5.0,mean=5.0,std=0.0,z=0.0,score=0.0,anomaly=false,seq=2i " in lines[2]
 
@@ -87,7 +87,7 @@ def test_silent_stream_opens_one_gap_event_and_closes_it_when_back() -> None:
     assert 'status="open"' in opened and opened.endswith(f" {now - 1000}")
     assert proc.sweep_silent(later + 5_000) == []  # once per silence
     back = json.dumps({"ts": now + 1000, "values": {"a": 1.0}}).encode()
-    lines = proc.process([("f/s/l/d/telemetry", back, time.time())]).lines
+    lines = list(proc.process([("f/s/l/d/telemetry", back, time.time())]).lines)
     (closed,) = [line for line in lines if line.startswith("anomaly_events")]
     assert 'status="closed"' in closed and f"end={now + 1000}i" in closed
     assert closed.endswith(f" {now - 1000}")  # same point as the opening one

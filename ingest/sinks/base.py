@@ -2,8 +2,62 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator
 from typing import Protocol
+
+
+class LineBatch:
+    """The line protocol of one write, kept encoded: whole lines, each ending in a
+    newline, in one or more chunks. The processing path adds a whole batch's body
+    at once (:meth:`add_body`); iterating gives the lines as text, for the rare
+    paths that need single lines (a refused line, the spool, tests)."""
+
+    __slots__ = ("_chunks", "_count")
+
+    def __init__(self, lines: Iterable[str] = ()) -> None:
+        self._chunks: list[bytes] = []
+        self._count = 0
+        self.extend(lines)
+
+    def extend(self, lines: Iterable[str]) -> None:
+        text = list(lines)
+        if text:
+            self.add_body(("\n".join(text) + "\n").encode("utf-8"), len(text))
+
+    def add_body(self, body: bytes, count: int) -> None:
+        """Append ``count`` lines already encoded, each ending in a newline."""
+        if count:
+            self._chunks.append(body)
+            self._count += count
+
+    def merge(self, other: LineBatch) -> None:
+        self._chunks.extend(other._chunks)
+        self._count += other._count
+
+    def body(self) -> bytes:
+        """Every line, each ending in a newline."""
+        if len(self._chunks) > 1:
+            self._chunks = [b"".join(self._chunks)]
+        return self._chunks[0] if self._chunks else b""
+
+    def __len__(self) -> int:
+        return self._count
+
+    def __bool__(self) -> bool:
+        return self._count > 0
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.body().decode("utf-8").split("\n")[:-1])
+
+    def halves(self) -> tuple[LineBatch, LineBatch]:
+        """The first ``len // 2`` lines and the rest."""
+        lines = list(self)
+        mid = len(lines) // 2
+        return LineBatch(lines[:mid]), LineBatch(lines[mid:])
+
+
+def as_batch(lines: LineBatch | Iterable[str]) -> LineBatch:
+    return lines if isinstance(lines, LineBatch) else LineBatch(lines)
 
 
 class WriteError(Exception):
@@ -35,7 +89,7 @@ class Sink(Protocol):
     def open(self) -> None:
         """Connect / prepare (may raise WriteError)."""
 
-    def write(self, lines: Sequence[str]) -> None:
+    def write(self, lines: LineBatch) -> None:
         """Store every line, or raise WriteError."""
 
     def close(self) -> None:

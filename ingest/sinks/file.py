@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable
 from typing import IO
 
 
@@ -20,9 +20,9 @@ class LineProtocolFileSink:
         os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
         self._fh = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - kept open for the run
 
-    def write(self, lines: Sequence[str]) -> None:
+    def write(self, lines: Iterable[str]) -> None:
         assert self._fh is not None, "open() first"
-        self._fh.write("\n".join(lines) + "\n")
+        self._fh.write("".join(f"{line}\n" for line in lines))
         self._fh.flush()
         os.fsync(self._fh.fileno())
 
@@ -43,7 +43,7 @@ class MemorySink:
     def open(self) -> None:
         pass
 
-    def write(self, lines: Sequence[str]) -> None:
+    def write(self, lines: Iterable[str]) -> None:
         self.lines.extend(lines)
 
     def close(self) -> None:

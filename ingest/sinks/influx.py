@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import gzip
 import logging
-from collections.abc import Sequence
 from urllib.parse import urlencode
 
 import urllib3
 
-from ingest.sinks.base import WriteError, parse_retry_after
+from ingest.sinks.base import LineBatch, WriteError, parse_retry_after
 
 log = logging.getLogger(__name__)
 
@@ -18,8 +17,8 @@ log = logging.getLogger(__name__)
 CONTENT_ERRORS = {400, 413, 422}
 
 
-def _body(lines: Sequence[str], use_gzip: bool) -> tuple[bytes, dict[str, str]]:
-    raw = ("\n".join(lines) + "\n").encode("utf-8")
+def _body(lines: LineBatch, use_gzip: bool) -> tuple[bytes, dict[str, str]]:
+    raw = lines.body()
     headers = {"Content-Type": "text/plain; charset=utf-8"}
     if use_gzip:
         headers["Content-Encoding"] = "gzip"
@@ -88,7 +87,7 @@ class InfluxV1Sink:
                 resp.data[:200].decode("utf-8", "replace"),
             )
 
-    def write(self, lines: Sequence[str]) -> None:
+    def write(self, lines: LineBatch) -> None:
         body, headers = _body(lines, self.use_gzip)
         headers.update(self._auth)
         try:
@@ -141,14 +140,14 @@ class InfluxV2Sink:
     def open(self) -> None:
         pass
 
-    def write(self, lines: Sequence[str]) -> None:
+    def write(self, lines: LineBatch) -> None:
         from influxdb_client.rest import ApiException
 
         try:
             self._api.write(
                 bucket=self.bucket,
                 org=self.org,
-                record=list(lines),
+                record=lines.body(),
                 write_precision=self._precision,
             )
         except ApiException as exc:

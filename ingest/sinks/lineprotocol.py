@@ -86,6 +86,20 @@ def format_float(x: float) -> str:
     return repr(float(x))
 
 
+#: Significant digits of the statistics fields (mean, std, z, score). The reading
+#: itself (``value``) is always written exactly (it reads back as the same double).
+STAT_DIGITS = 12
+
+
+def format_stat(x: float) -> str:
+    """A statistic as :func:`telemetry_body` writes it: ``%.12g``, with ``.0`` added
+    to a whole number in positional form (``3.0``, not ``3``) as ``repr`` would."""
+    text = format(float(x), f".{STAT_DIGITS}g")
+    if "." in text or "e" in text or "n" in text:
+        return text
+    return text + ".0"
+
+
 def telemetry_lines(
     series: Sequence[str],
     rows: npt.NDArray[Any],
@@ -99,8 +113,9 @@ def telemetry_lines(
     seq: Sequence[int],
     rx_time: Sequence[bool],
 ) -> list[str]:
-    """One line per reading. Statistics that are not defined (a stream's first
-    sample, the z of a huge value) are left out: InfluxDB refuses NaN and infinity."""
+    """One line per reading, in plain Python: the reference that :func:`telemetry_body`
+    is tested against. Statistics that are not defined (a stream's first sample,
+    the z of a huge value) are left out: InfluxDB refuses NaN and infinity."""
     out: list[str] = []
     append = out.append
     for i, (row, t, v, m, s, zz, sc, an) in enumerate(
@@ -118,11 +133,11 @@ def telemetry_lines(
     ):
         fields = f"value={v!r}"
         if math.isfinite(m) and math.isfinite(s):
-            fields += f",mean={m!r},std={s!r}"
+            fields += f",mean={format_stat(m)},std={format_stat(s)}"
         if math.isfinite(zz):
-            fields += f",z={zz!r}"
+            fields += f",z={format_stat(zz)}"
         if math.isfinite(sc):
-            fields += f",score={sc!r}"
+            fields += f",score={format_stat(sc)}"
         fields += ",anomaly=true" if an else ",anomaly=false"
         if seq[i] >= 0:
             fields += f",seq={seq[i]}i"
