@@ -7,6 +7,8 @@ import queue
 import random
 import threading
 import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 from ingest.config import Settings
@@ -15,7 +17,7 @@ from ingest.decode import Rejection
 from ingest.metrics import HealthServer, Metrics, RateLimitedLog
 from ingest.mqtt_consumer import MqttSource, Received
 from ingest.pipeline import Processor, ReadingsHook
-from ingest.sinks.base import Sink, WriteError
+from ingest.sinks.base import LineBatch, Sink, WriteError
 from ingest.sinks.file import LineProtocolFileSink
 from ingest.sinks.influx import InfluxV1Sink, InfluxV2Sink
 from ingest.sinks.lineprotocol import stats_lines
@@ -24,7 +26,7 @@ from ingest.writer import BatchWriter, WriteResult
 
 log = logging.getLogger(__name__)
 
-#: Batches waiting for the writer thread (one more is being written).
+#: Batches waiting for the writer thread (besides those being written).
 WRITE_QUEUE = 2
 #: Seconds between sweeps for streams that went silent (the ``gap`` events).
 SWEEP_INTERVAL = 5.0
@@ -93,9 +95,11 @@ class IngestService:
         self._spool_full = False
         self.spool: Spool | None = None  # opened in start()
         self.exit_reason = ""
-        self._write_queue: queue.Queue[tuple[list[str], list[Received]] | None] = queue.Queue(
+        self._write_queue: queue.Queue[tuple[LineBatch, list[Received]] | None] = queue.Queue(
             WRITE_QUEUE
         )
+        self._spool_lock = threading.Lock()  # writes in flight may spool at the same time
+        self._spooled = threading.Event()  # a write gave up and spooled: start draining
         # Messages handed to the writer (processing thread) and settled by it (writer thread).
         self._handed = 0
         self._done = 0
@@ -181,7 +185,7 @@ class IngestService:
         writer = threading.Thread(target=self._write_loop, name="writer", daemon=True)
         writer.start()
         pending_msgs: list[Received] = []
-        pending_lines: list[str] = []
+        pending_lines = LineBatch()
         first_pending = 0.0
         flush_interval = s.influx.flush_interval
         batch_size = s.influx.batch_size
@@ -205,7 +209,7 @@ class IngestService:
                 if msgs:
                     if not pending_msgs and not pending_lines:
                         first_pending = time.monotonic()
-                    pending_lines.extend(self._process(msgs))
+                    pending_lines.merge(self._process(msgs))
                     pending_msgs.extend(msgs)
                 events = self._periodic()
                 if events:
@@ -218,7 +222,7 @@ class IngestService:
                     or time.monotonic() - first_pending >= flush_interval
                 ):
                     self._hand_over(pending_lines, pending_msgs)
-                    pending_lines, pending_msgs = [], []
+                    pending_lines, pending_msgs = LineBatch(), []
         finally:
             self.request_stop()
             if pending_msgs or pending_lines:
@@ -314,7 +318,7 @@ class IngestService:
             log.warning("still no message %.0f s after resubscribing: reconnecting", quiet)
             src.reconnect()
 
-    def _process(self, msgs: list[Received]) -> list[str]:
+    def _process(self, msgs: list[Received]) -> LineBatch:
         result = self.processor.process([(m.topic, m.payload, m.received) for m in msgs])
         for m in msgs:  # only the packet id is needed until the acknowledgement
             m.topic, m.payload = "", b""
@@ -329,7 +333,7 @@ class IngestService:
         self.metrics.set("streams", len(self.processor.registry))
         return result.lines
 
-    def _hand_over(self, lines: list[str], msgs: list[Received]) -> None:
+    def _hand_over(self, lines: LineBatch, msgs: list[Received]) -> None:
         self._handed += len(msgs)
         self.metrics.set("pending_messages", self._handed - self._done)
         while True:  # blocks while the writer is behind: backpressure
@@ -343,72 +347,108 @@ class IngestService:
     def _write_loop(self) -> None:
         """Writer thread: write each batch, make its dead letters safe, then acknowledge.
 
-        While batches wait in the spool, new batches go behind them (order is kept)
-        and the oldest spooled batch is retried with backoff.
+        Up to ``influx.write_concurrency`` writes are in flight at once (a pool of
+        threads); their messages are acknowledged in arrival order all the same.
+        While batches wait in the spool, new batches go behind them (order is kept),
+        the oldest spooled batch is retried with backoff, and nothing is in flight.
         """
         spool = self.spool
-        spool_after = self.settings.spool.after
+        concurrency = self.settings.influx.write_concurrency
+        pool = ThreadPoolExecutor(concurrency, "write") if concurrency > 1 else None
+        inflight: deque[tuple[Future[WriteResult], list[Received]]] = deque()
         retry_initial, retry_max = (
             self.settings.influx.retry_initial,
             self.settings.influx.retry_max,
         )
         delay, next_drain = retry_initial, 0.0
-        while True:
-            wait = 0.5
-            if spool:
-                wait = min(wait, max(0.0, next_drain - time.monotonic()))
-            try:
-                item = self._write_queue.get(timeout=wait)
-            except queue.Empty:
-                item, idle = None, True
-            else:
-                idle = False
-            if item is None and not idle:
-                return  # shutdown; whatever is spooled stays on disk for the next start
-            if item is not None:
-                lines, msgs = item
-                if spool:  # keep the order: behind what is already spooled
-                    result = self._to_spool(lines)
-                else:
-                    give_up = None
-                    if spool is not None:  # spool at once when shutting down
-                        give_up = 0.0 if self.stop_event.is_set() else spool_after
-                    result = self._timed_write(lines, give_up)
-                    if result is WriteResult.GAVE_UP:
-                        log.warning(
-                            "database unavailable for %.0f s: spooling to disk", spool_after
-                        )
-                        result = self._to_spool(lines)
-                        delay, next_drain = retry_initial, time.monotonic() + retry_initial
-                if result is WriteResult.STOPPED:
-                    log.warning("writes abandoned at the shutdown deadline")
-                    return  # later batches must not be acknowledged before this one
-                self._settle(msgs)
-            if spool and time.monotonic() >= next_drain:
-                if self._drain_one() is WriteResult.WRITTEN:
-                    delay, next_drain = retry_initial, 0.0
-                    if not spool:
-                        log.info("spool drained: writing directly again")
-                else:
-                    next_drain = time.monotonic() + delay * random.uniform(0.8, 1.2)
-                    delay = min(delay * 2, retry_max)
 
-    def _timed_write(self, lines: list[str], give_up_after: float | None) -> WriteResult:
+        def settle(limit: int) -> bool:
+            """Acknowledge finished writes in order, waiting while more than ``limit``
+            are in flight; False when one was abandoned."""
+            while inflight and (len(inflight) > limit or inflight[0][0].done()):
+                future, msgs = inflight.popleft()
+                if future.result() is WriteResult.STOPPED:
+                    log.warning("writes abandoned at the shutdown deadline")
+                    return False  # later batches must not be acknowledged before this one
+                self._settle(msgs)
+            return True
+
+        try:
+            while True:
+                wait = 0.5 if not inflight else 0.05
+                if spool:
+                    wait = min(wait, max(0.0, next_drain - time.monotonic()))
+                try:
+                    item = self._write_queue.get(timeout=wait)
+                except queue.Empty:
+                    item, idle = None, True
+                else:
+                    idle = False
+                if not settle(0 if item is None and not idle else concurrency):
+                    return
+                if item is None and not idle:
+                    return  # shutdown; whatever is spooled stays on disk for the next start
+                if item is not None:
+                    lines, msgs = item
+                    if spool or pool is None:  # behind what is spooled: one at a time
+                        if not settle(0):
+                            return
+                        done: Future[WriteResult] = Future()
+                        done.set_result(self._write_or_spool(lines))
+                        inflight.append((done, msgs))
+                    else:
+                        inflight.append((pool.submit(self._write_or_spool, lines), msgs))
+                    if not settle(concurrency - 1):
+                        return
+                if self._spooled.is_set():
+                    self._spooled.clear()
+                    delay, next_drain = retry_initial, time.monotonic() + retry_initial
+                if spool and not inflight and time.monotonic() >= next_drain:
+                    if self._drain_one() is WriteResult.WRITTEN:
+                        delay, next_drain = retry_initial, 0.0
+                        if not spool:
+                            log.info("spool drained: writing directly again")
+                    else:
+                        next_drain = time.monotonic() + delay * random.uniform(0.8, 1.2)
+                        delay = min(delay * 2, retry_max)
+        finally:
+            if pool is not None:
+                pool.shutdown(wait=False, cancel_futures=True)
+
+    def _write_or_spool(self, lines: LineBatch) -> WriteResult:
+        """Write a batch; spool it after ``spool.after`` seconds of failure (at once when
+        shutting down); while the spool holds batches, append behind them."""
+        spool = self.spool
+        if spool:
+            return self._to_spool(lines)
+        give_up = None
+        if spool is not None:
+            give_up = 0.0 if self.stop_event.is_set() else self.settings.spool.after
+        result = self._timed_write(lines, give_up)
+        if result is WriteResult.GAVE_UP:
+            log.warning(
+                "database unavailable for %.0f s: spooling to disk", self.settings.spool.after
+            )
+            result = self._to_spool(lines)
+            self._spooled.set()
+        return result
+
+    def _timed_write(self, lines: LineBatch, give_up_after: float | None) -> WriteResult:
         t0 = time.monotonic()
-        refused_before = self.writer.refused
-        result = self.writer.write(lines, give_up_after)
+        result, refused = self.writer.write_counted(lines, give_up_after)
         self._last_write_ok = result is WriteResult.WRITTEN
         if self._last_write_ok:
-            self.metrics.inc("points_written", len(lines) - (self.writer.refused - refused_before))
+            self.metrics.inc("points_written", len(lines) - refused)
             self.metrics.set("write_latency_seconds", time.monotonic() - t0)
             self.metrics.set("last_write_unixtime", time.time())
         return result
 
-    def _to_spool(self, lines: list[str]) -> WriteResult:
+    def _to_spool(self, lines: LineBatch) -> WriteResult:
         """Durably spool a batch; when the spool is full, fall back to waiting for the database."""
         assert self.spool is not None
         try:
-            self.spool.append(lines)
+            with self._spool_lock:
+                self.spool.append(list(lines))
         except SpoolFullError as exc:
             self._spool_full = True
             self.metrics.set("spool_full", 1.0)
@@ -424,12 +464,14 @@ class IngestService:
 
     def _drain_one(self) -> WriteResult:
         assert self.spool is not None
-        lines = self.spool.peek()
+        with self._spool_lock:
+            lines = self.spool.peek()
         if lines is None:
             return WriteResult.WRITTEN
-        result = self._timed_write(lines, 0.0)
+        result = self._timed_write(LineBatch(lines), 0.0)
         if result is WriteResult.WRITTEN:
-            self.spool.consume()
+            with self._spool_lock:
+                self.spool.consume()
             self.metrics.inc("batches_replayed")
             self._spool_gauges()
         return result
