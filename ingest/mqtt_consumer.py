@@ -166,7 +166,8 @@ class MqttSource:
                 self._cond.wait(1.0)
             self._queue.append(item)
             self._queued_bytes += size
-            self._cond.notify_all()
+            if len(self._queue) == 1:  # the processing thread may be waiting for this one
+                self._cond.notify_all()
 
     # -- service side --------------------------------------------------------------------
 
