@@ -1204,6 +1204,7 @@ def alert_rules() -> dict[str, Any]:
 
 # --- files ----------------------------------------------------------------------------------
 
+
 def to_yaml(doc: Any, header: str = "") -> str:
     """Block-style YAML of plain data (dicts, lists, strings, numbers, booleans, None),
     deterministic, with ``header`` as ``#`` comment lines on top."""
