@@ -16,9 +16,10 @@ from ingest.sinks.lineprotocol import escape_tag, status_line, telemetry_lines, 
 
 
 def test_escape_tag() -> None:
-    assert escape_tag("a b,c=d\\e") == "a\\ b\\,c\\=d\\\\e"
-    with pytest.raises(ValueError):
-        escape_tag("a\nb")
+    assert escape_tag("a b,c=d\\e") == "a\\ b\\,c\\=d\\e"
+    for bad in ("a\nb", "a\\", "a\\,b", "a\\ b", "a\\=b"):
+        with pytest.raises(ValueError):
+            escape_tag(bad)
 
 
 def test_series_sorted_and_escaped() -> None:

@@ -156,7 +156,7 @@ def test_escaped_tags_are_copied_verbatim() -> None:
     got, ref = render(arr)
     assert got == ref
     assert got[0] == (
-        r"telemetry,device=dev\=3,line=line\,2,sensor=back\\slash,site=site\ 1 "
+        r"telemetry,device=dev\=3,line=line\,2,sensor=back\slash,site=site\ 1 "
         "value=1.5,anomaly=false 1"
     )
 

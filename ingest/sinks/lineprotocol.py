@@ -22,6 +22,7 @@ structure of a line.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -32,13 +33,22 @@ DEVICE_STATUS = "device_status"
 ANOMALY_EVENTS = "anomaly_events"
 INGEST_STATS = "ingest_stats"
 
-_TAG_ESCAPES = str.maketrans({",": r"\,", "=": r"\=", " ": r"\ ", "\\": "\\\\"})
+_TAG_ESCAPES = str.maketrans({",": r"\,", "=": r"\=", " ": r"\ "})
+_AMBIGUOUS = re.compile(r"\\([,= ]|$)")
 
 
 def escape_tag(value: str) -> str:
-    """Escape a tag key or value; newlines cannot be escaped and are refused."""
+    """Escape a tag key or value (comma, equals sign, space).
+
+    A backslash is written as it is: InfluxDB 1.6.7 keeps an escaped one doubled while
+    VictoriaMetrics undoes it, but both read a lone backslash back as itself (tested).
+    Newlines cannot be escaped, and a backslash before a comma, equals sign, space or
+    the end is ambiguous: both are refused. Contract identifiers contain none of these.
+    """
     if "\n" in value or "\r" in value:
         raise ValueError("line protocol tags cannot contain newlines")
+    if "\\" in value and _AMBIGUOUS.search(value):
+        raise ValueError("a backslash before a comma, '=', a space or the end of a tag")
     return value.translate(_TAG_ESCAPES)
 
 
