@@ -243,6 +243,9 @@ class ServiceSettings(_Section):
     max_queued_bytes: Annotated[int, Field(ge=1 << 20)] = 64 << 20
     #: Messages taken from the MQTT queue per processing step.
     max_batch_messages: Annotated[int, Field(ge=1)] = 2000
+    #: Seconds to let more messages arrive before a processing step that would take
+    #: fewer than a full batch: fewer, larger steps (throughput) for a little latency.
+    batch_linger: Annotated[float, Field(ge=0, le=1)] = 0.02
     #: Seconds between points of the service's own metrics in the measurement
     #: ``ingest_stats`` (for the Grafana pipeline-health dashboard); 0 disables them.
     stats_interval: Annotated[float, Field(ge=0)] = 10.0

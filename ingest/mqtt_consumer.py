@@ -209,11 +209,15 @@ class MqttSource:
     def pending(self) -> int:
         return len(self._queue)
 
-    def get_batch(self, max_messages: int, timeout: float) -> list[Received]:
-        """Up to ``max_messages`` received messages; waits up to ``timeout`` for the first."""
+    def get_batch(self, max_messages: int, timeout: float, linger: float = 0.0) -> list[Received]:
+        """Up to ``max_messages`` received messages; waits up to ``timeout`` for the first,
+        then, while fewer than ``max_messages`` are there, ``linger`` seconds for more."""
         with self._cond:
             if not self._queue and self.fatal is None:
                 self._cond.wait(timeout)
+        if linger and 0 < len(self._queue) < max_messages:
+            time.sleep(linger)
+        with self._cond:
             n = min(max_messages, len(self._queue))
             batch = [self._queue.popleft() for _ in range(n)]
             self._queued_bytes -= sum(len(m.payload) + len(m.topic) for m in batch)

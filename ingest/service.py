@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import queue
 import random
+import sys
 import threading
 import time
 from collections import deque
@@ -30,6 +31,11 @@ log = logging.getLogger(__name__)
 WRITE_QUEUE = 2
 #: Seconds between sweeps for streams that went silent (the ``gap`` events).
 SWEEP_INTERVAL = 5.0
+#: Python's GIL switch interval while ingest runs (the default is 5 ms). paho's network
+#: thread gives the GIL up for every socket call, several per message, and then waits
+#: for it while the processing thread runs Python code; a shorter interval hands it
+#: back sooner. Measured with bench/e2e.py-style drains of single-reading messages.
+GIL_SWITCH_INTERVAL = 0.001
 
 
 def build_sink(settings: Settings) -> Sink:
@@ -176,6 +182,7 @@ class IngestService:
         the rest (its in-flight window bounds what ingest keeps in memory).
         """
         s = self.settings
+        sys.setswitchinterval(GIL_SWITCH_INTERVAL)
         try:
             self.start()
         except WriteError as exc:
@@ -191,6 +198,7 @@ class IngestService:
         batch_size = s.influx.batch_size
         # Hand a batch over well before the broker's in-flight window is full.
         ack_window = max(1, s.mqtt.max_inflight // 4)
+        per_message = 1.0  # lines per message, moving average
         code = 0
         try:
             while not self.stop_event.is_set():
@@ -205,11 +213,18 @@ class IngestService:
                 wait = flush_interval
                 if pending_msgs:
                     wait = max(0.0, first_pending + flush_interval - time.monotonic())
-                msgs = self.source.get_batch(s.service.max_batch_messages, min(wait, 0.5))
+                room = max(1, batch_size - len(pending_lines))
+                take = min(s.service.max_batch_messages, max(1, int(room / per_message)))
+                msgs = self.source.get_batch(take, min(wait, 0.5), s.service.batch_linger)
                 if msgs:
                     if not pending_msgs and not pending_lines:
                         first_pending = time.monotonic()
-                    pending_lines.merge(self._process(msgs))
+                    lines = self._process(msgs)
+                    # Readings per message, to take about a write's worth at a time:
+                    # 2,000 messages of 100 readings would be 40 writes' worth at once,
+                    # in memory and in front of every newer message (latency).
+                    per_message += 0.2 * (len(lines) / len(msgs) - per_message)
+                    pending_lines.merge(lines)
                     pending_msgs.extend(msgs)
                 events = self._periodic()
                 if events:
