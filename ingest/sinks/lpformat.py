@@ -59,6 +59,7 @@ _SEQ = _const(",seq=")
 _RX = _const(",rx_time=true")
 _POW10 = np.array([10.0**k for k in range(309)])  # exact up to 10**22
 _IPOW10 = np.array([10**k for k in range(19)], dtype=np.int64)
+_PAIRS = _const("".join(f"{k:02d}" for k in range(100)))
 
 
 @njit(cache=True, nogil=True)
@@ -73,15 +74,27 @@ def _put(out: U8, pos: int, src: U8) -> int:
 def _put_uint(out: U8, pos: int, n: int | np.integer[Any], width: int) -> int:
     """``n`` >= 0 in decimal, left-padded with zeros to ``width`` digits."""
     digits = 1
-    m = n
-    while m >= 10:
-        m //= 10
+    while digits < 19 and n >= _IPOW10[digits]:
         digits += 1
-    digits = max(digits, width)
-    end = pos + digits
-    for j in range(digits):
-        out[end - 1 - j] = 48 + n % 10
-        n //= 10
+    end = pos + max(digits, width)
+    i = end
+    while n >= 100:  # two digits per division
+        q = n // 100
+        r = 2 * (n - q * 100)
+        out[i - 1] = _PAIRS[r + 1]
+        out[i - 2] = _PAIRS[r]
+        i -= 2
+        n = q
+    if n >= 10:
+        out[i - 1] = _PAIRS[2 * n + 1]
+        out[i - 2] = _PAIRS[2 * n]
+        i -= 2
+    else:
+        out[i - 1] = 48 + n
+        i -= 1
+    while i > pos:
+        out[i - 1] = 48
+        i -= 1
     return end
 
 
