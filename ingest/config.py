@@ -102,6 +102,9 @@ class InfluxSettings(_Section):
     #: Points per write request, and the longest a point waits before it is written.
     batch_size: Annotated[int, Field(ge=1, le=1_000_000)] = 5000
     flush_interval: Annotated[float, Field(gt=0, le=60)] = 1.0
+    #: Write at once when no more messages wait (low latency at low rates); false: only
+    #: by size and age (fewer, larger writes).
+    flush_when_idle: bool = True
     #: Write requests in flight at once (acknowledgements still go in arrival order).
     write_concurrency: Annotated[int, Field(ge=1, le=16)] = 2
     retry_initial: Annotated[float, Field(gt=0)] = 0.5

@@ -68,6 +68,7 @@ class MqttSource:
         self._rejected_prefix = f"{settings.topic_prefix}/{REJECTED_SEGMENT}/"
         self._queue: deque[Received] = deque()
         self._queued_bytes = 0
+        self._wanted = 0  # queue length the processing thread is lingering for
         self.max_queued_bytes = max_queued_bytes
         self._cond = threading.Condition()
         self._connected = threading.Event()
@@ -166,7 +167,8 @@ class MqttSource:
                 self._cond.wait(1.0)
             self._queue.append(item)
             self._queued_bytes += size
-            if len(self._queue) == 1:  # the processing thread may be waiting for this one
+            n = len(self._queue)
+            if n in (1, self._wanted):  # what the processing thread may wait for
                 self._cond.notify_all()
 
     # -- service side --------------------------------------------------------------------
@@ -215,9 +217,10 @@ class MqttSource:
         with self._cond:
             if not self._queue and self.fatal is None:
                 self._cond.wait(timeout)
-        if linger and 0 < len(self._queue) < max_messages:
-            time.sleep(linger)
-        with self._cond:
+            if linger and 0 < len(self._queue) < max_messages and self.fatal is None:
+                self._wanted = max_messages
+                self._cond.wait(linger)  # woken early once max_messages are there
+                self._wanted = 0
             n = min(max_messages, len(self._queue))
             batch = [self._queue.popleft() for _ in range(n)]
             self._queued_bytes -= sum(len(m.payload) + len(m.topic) for m in batch)

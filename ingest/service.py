@@ -195,6 +195,7 @@ class IngestService:
         pending_lines = LineBatch()
         first_pending = 0.0
         flush_interval = s.influx.flush_interval
+        flush_idle = s.influx.flush_when_idle
         batch_size = s.influx.batch_size
         # Hand a batch over well before the broker's in-flight window is full.
         ack_window = max(1, s.mqtt.max_inflight // 4)
@@ -235,6 +236,7 @@ class IngestService:
                     len(pending_lines) >= batch_size
                     or len(pending_msgs) >= ack_window
                     or time.monotonic() - first_pending >= flush_interval
+                    or (flush_idle and not self.source.pending())  # none waiting: write now
                 ):
                     self._hand_over(pending_lines, pending_msgs)
                     pending_lines, pending_msgs = LineBatch(), []

@@ -155,6 +155,7 @@ def test_sigterm_flushes_and_exits_zero(
         "INGEST_INFLUX_URL": INFLUX_URL,
         "INGEST_INFLUX_DATABASE": influx_db,
         "INGEST_INFLUX_FLUSH_INTERVAL": "30",
+        "INGEST_INFLUX_FLUSH_WHEN_IDLE": "false",
         "INGEST_INFLUX_BATCH_SIZE": "100000",
     }
     ingest = start_ingest(env)
