@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import time
 from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
+from procstat import peak_rss_mb
 
 
 def main() -> None:
@@ -57,7 +57,7 @@ def main() -> None:
         if time.time() - (st["t_last"] or started) > a.idle_timeout:
             break
     client.disconnect()
-    rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    rss_mb = peak_rss_mb()
     out = {k: st[k] for k in ("t_first", "t_last", "count")}
     out |= {"cpu_seconds": st["cpu1"] - st["cpu0"], "max_rss_mb": rss_mb}
     a.report.write_text(json.dumps(out))

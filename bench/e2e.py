@@ -1,7 +1,7 @@
 """End-to-end throughput and latency: MQTT -> consumer -> InfluxDB 1.6 / VictoriaMetrics.
 
     .venv/bin/python bench/e2e.py [--quick] [--db influx,vm] [--shape single,batch]
-        [--streams 1000,10000] [--consumers ingest,naive,nodered,bare,db] [--gzip]
+        [--streams 1000,10000] [--consumers ingest,ingest311,naive,nodered,bare,db] [--gzip]
         [--latency-seconds 20] [--latency-warmup 10] [--soak SECONDS] [--json OUT] [--keep]
 
 Drain, per case (db x shape x streams): a private mosquitto (unlimited queues, no
@@ -9,7 +9,10 @@ persistence) gets every consumer's persistent session, then one burst published 
 QoS 1 by bench/publish.py, so it holds an identical queued copy per session. Each consumer
 in turn drains its copy into a clean target; a pre-loaded burst measures the most it can
 sustain. ``ingest run``: from the first /metrics poll (50 ms) with accepted readings to the
-first with every message acknowledged, CPU from /proc. bench/naive.py (typical paho +
+first with every message acknowledged, CPU from /proc; ``ingest311`` is the same with
+MQTT 3.1.1 (paho decodes MQTT 5 properties on every message; 3.1.1 has no Receive Maximum,
+so it needs a broker that allows many unacknowledged messages, as this one does: Mosquitto's
+default of 20 would throttle acknowledge-after-write). bench/naive.py (typical paho +
 influxdb-client script) and bench/nodered.py (a Node-RED flow; the database count is polled
 every second) are baselines; bench/bare_paho.py only receives and acknowledges (single
 shape: the ceiling of a Python paho consumer). ``db`` posts the lines ingest's processor
@@ -191,10 +194,16 @@ def stop(proc: subprocess.Popen[bytes] | None) -> None:
 
 
 def start_ingest(
-    port: int, client_id: str, target: Target, tmp: Path, health: int, use_gzip: bool
+    port: int,
+    client_id: str,
+    target: Target,
+    tmp: Path,
+    health: int,
+    use_gzip: bool,
+    protocol: str = "5",
 ) -> subprocess.Popen[bytes]:
     c = target.client()
-    env = f"""MQTT_URL=mqtt://127.0.0.1:{port} MQTT_CLIENT_ID={client_id}
+    env = f"""MQTT_URL=mqtt://127.0.0.1:{port} MQTT_CLIENT_ID={client_id} MQTT_PROTOCOL={protocol}
         MQTT_TOPIC_PREFIX=factory MQTT_DEAD_LETTER=none INFLUX_URL={c["url"]}
         INFLUX_API={c["api"]} INFLUX_DATABASE={c["database"]} INFLUX_BUCKET={c["bucket"]}
         INFLUX_ORG={c["org"]} INFLUX_TOKEN={c["token"]} INFLUX_GZIP={str(use_gzip).lower()}
@@ -293,8 +302,9 @@ class Case:
 
 def run_ingest(case: Case, target: Target, row: Row) -> None:
     health = free_port()
-    args = (case.broker.port, "bench-ingest", target, case.tmp, health, case.args.gzip)
-    proc = start_ingest(*args)
+    protocol = "3.1.1" if row.consumer == "ingest311" else "5"
+    args = (case.broker.port, f"bench-{row.consumer}", target, case.tmp, health, case.args.gzip)
+    proc = start_ingest(*args, protocol=protocol)
     try:
         t_first = cpu0 = 0.0
         seen, changed = -1.0, time.monotonic()
@@ -459,7 +469,7 @@ def run_case(
             print(f"-- {row.consumer}", flush=True)
             try:
                 target.reset()
-                if row.consumer == "ingest":
+                if row.consumer in ("ingest", "ingest311"):
                     run_ingest(case, target, row)
                 elif row.consumer == "naive":
                     run_script(case, row, "naive.py", naive_args(case, target))
@@ -652,7 +662,12 @@ def main() -> None:
     ap.add_argument("--db", type=split, default=["influx", "vm"])
     ap.add_argument("--shape", type=split, default=["single", "batch"])
     ap.add_argument("--streams", type=lambda s: list(map(int, split(s))), default=[1000, 10000])
-    ap.add_argument("--consumers", type=split, default=["ingest", "naive", "nodered", "bare", "db"])
+    ap.add_argument(
+        "--consumers",
+        type=split,
+        default=["ingest", "ingest311", "naive", "nodered", "bare", "db"],
+        help="ingest311: ingest with MQTT 3.1.1 instead of 5",
+    )
     ap.add_argument("--single-messages", type=int, help="single-shape burst (200000)")
     ap.add_argument("--batch-messages", type=int, help="batch-shape burst (20000)")
     ap.add_argument("--gzip", action="store_true", help="gzip the writes (every consumer, db)")

@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import gzip
 import json
-import resource
 import sys
 import threading
 import time
@@ -44,6 +43,7 @@ from influxdb_client.client.write_api import SYNCHRONOUS
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
+from procstat import peak_rss_mb
 
 FLUSH_INTERVAL_S = 1.0
 
@@ -197,7 +197,7 @@ class NaiveConsumer:
             "t_done": self.t_done,
             "readings_written": self.readings_written,
             "cpu_seconds": self.cpu_done - self.cpu_first if self.t_first is not None else 0.0,
-            "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "max_rss_mb": peak_rss_mb(),
             "errors": self.errors,
         }
 
