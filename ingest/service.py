@@ -365,7 +365,9 @@ class IngestService:
         """Writer thread: write each batch, make its dead letters safe, then acknowledge.
 
         Up to ``influx.write_concurrency`` writes are in flight at once (a pool of
-        threads); their messages are acknowledged in arrival order all the same.
+        threads); their messages are acknowledged in arrival order all the same. A
+        batch with lines that update earlier points (:attr:`LineBatch.ordered`) is
+        written alone, after every write before it has finished.
         While batches wait in the spool, new batches go behind them (order is kept),
         the oldest spooled batch is retried with backoff, and nothing is in flight.
         """
@@ -407,7 +409,10 @@ class IngestService:
                     return  # shutdown; whatever is spooled stays on disk for the next start
                 if item is not None:
                     lines, msgs = item
-                    if spool or pool is None:  # behind what is spooled: one at a time
+                    # One at a time behind what is spooled; and a batch that updates
+                    # earlier points (episodes, gaps) after every write before it and
+                    # before any after it, or InfluxDB could keep an episode open.
+                    if spool or pool is None or lines.ordered:
                         if not settle(0):
                             return
                         done: Future[WriteResult] = Future()

@@ -75,7 +75,9 @@ def start(concurrency: int, sink: GatedSink) -> tuple[IngestService, list[int], 
 
 
 def batch(n: int) -> tuple[LineBatch, list[Received]]:
-    return LineBatch([f"b{n} value=1 {n}"]), [Received("t", b"", 0.0, n, 1, 0)]
+    lines = LineBatch()
+    lines.add_body(f"b{n} value=1 {n}\n".encode(), 1)  # as telemetry bodies come
+    return lines, [Received("t", b"", 0.0, n, 1, 0)]
 
 
 def wait(cond: Callable[[], bool], timeout: float = 5.0) -> bool:
@@ -138,3 +140,36 @@ def test_a_refused_line_is_dead_lettered_and_the_rest_acked_in_order() -> None:
     assert svc.metrics.snapshot()["points_written"] == 2
     svc._write_queue.put(None)
     writer.join(5)
+
+
+def test_a_batch_that_updates_earlier_points_is_written_alone_and_in_order() -> None:
+    """An episode's closing write must not overtake its opening one, nor be overtaken."""
+    sink = GatedSink()
+    svc, acked, writer = start(2, sink)
+    first, msgs0 = batch(0)
+    ordered, msgs1 = batch(1)
+    ordered.ordered = True  # as LineBatch.extend marks event lines
+    svc._write_queue.put((first, msgs0))
+    svc._write_queue.put((ordered, msgs1))
+    svc._write_queue.put(batch(2))
+    assert wait(lambda: sink.started == [0])
+    time.sleep(0.2)
+    assert sink.started == [0]  # the ordered batch waits for the one in flight
+    sink.gate(0).set()
+    assert wait(lambda: sink.started == [0, 1])
+    time.sleep(0.2)
+    assert sink.started == [0, 1]  # and the next one waits for it
+    sink.gate(1).set()
+    sink.gate(2).set()
+    assert wait(lambda: acked == [0, 1, 2]), acked
+    assert sink.written == [0, 1, 2]
+    svc._write_queue.put(None)
+    writer.join(5)
+
+
+def test_line_batch_marks_text_lines_as_ordered() -> None:
+    body = LineBatch()
+    body.add_body(b"telemetry value=1 1\n", 1)
+    assert not body.ordered  # points of their own: any order
+    body.merge(LineBatch(['anomaly_events,kind=gap status="closed" 1']))
+    assert body.ordered

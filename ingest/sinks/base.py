@@ -12,17 +12,23 @@ class LineBatch:
     at once (:meth:`add_body`); iterating gives the lines as text, for the rare
     paths that need single lines (a refused line, the spool, tests)."""
 
-    __slots__ = ("_chunks", "_count")
+    __slots__ = ("_chunks", "_count", "ordered")
 
     def __init__(self, lines: Iterable[str] = ()) -> None:
         self._chunks: list[bytes] = []
         self._count = 0
+        #: Holds lines that update points written before (an anomaly episode's closing
+        #: write, a gap's end), or may: it must not overtake an earlier write, nor be
+        #: overtaken. Set by :meth:`extend`; telemetry bodies (:meth:`add_body`) are
+        #: points of their own, identical when redelivered, and may go in any order.
+        self.ordered = False
         self.extend(lines)
 
     def extend(self, lines: Iterable[str]) -> None:
         text = list(lines)
         if text:
             self.add_body(("\n".join(text) + "\n").encode("utf-8"), len(text))
+            self.ordered = True
 
     def add_body(self, body: bytes, count: int) -> None:
         """Append ``count`` lines already encoded, each ending in a newline."""
@@ -33,6 +39,7 @@ class LineBatch:
     def merge(self, other: LineBatch) -> None:
         self._chunks.extend(other._chunks)
         self._count += other._count
+        self.ordered |= other.ordered
 
     def body(self) -> bytes:
         """Every line, each ending in a newline."""
