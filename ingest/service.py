@@ -365,16 +365,18 @@ class IngestService:
         """Writer thread: write each batch, make its dead letters safe, then acknowledge.
 
         Up to ``influx.write_concurrency`` writes are in flight at once (a pool of
-        threads); their messages are acknowledged in arrival order all the same. A
-        batch with lines that update earlier points (:attr:`LineBatch.ordered`) is
-        written alone, after every write before it has finished.
+        threads); their messages are acknowledged in arrival order all the same. The
+        lines that update earlier points (:meth:`LineBatch.parts`) go through one more
+        thread, in the order they were made.
         While batches wait in the spool, new batches go behind them (order is kept),
         the oldest spooled batch is retried with backoff, and nothing is in flight.
         """
         spool = self.spool
         concurrency = self.settings.influx.write_concurrency
         pool = ThreadPoolExecutor(concurrency, "write") if concurrency > 1 else None
-        inflight: deque[tuple[Future[WriteResult], list[Received]]] = deque()
+        # Lines that must reach the database in order go through one thread, in turn.
+        serial = ThreadPoolExecutor(1, "write-ordered") if pool is not None else None
+        inflight: deque[tuple[list[Future[WriteResult]], list[Received]]] = deque()
         retry_initial, retry_max = (
             self.settings.influx.retry_initial,
             self.settings.influx.retry_max,
@@ -384,9 +386,9 @@ class IngestService:
         def settle(limit: int) -> bool:
             """Acknowledge finished writes in order, waiting while more than ``limit``
             are in flight; False when one was abandoned."""
-            while inflight and (len(inflight) > limit or inflight[0][0].done()):
-                future, msgs = inflight.popleft()
-                if future.result() is WriteResult.STOPPED:
+            while inflight and (len(inflight) > limit or all(f.done() for f in inflight[0][0])):
+                futures, msgs = inflight.popleft()
+                if any(f.result() is WriteResult.STOPPED for f in futures):
                     log.warning("writes abandoned at the shutdown deadline")
                     return False  # later batches must not be acknowledged before this one
                 self._settle(msgs)
@@ -409,17 +411,20 @@ class IngestService:
                     return  # shutdown; whatever is spooled stays on disk for the next start
                 if item is not None:
                     lines, msgs = item
-                    # One at a time behind what is spooled; and a batch that updates
-                    # earlier points (episodes, gaps) after every write before it and
-                    # before any after it, or InfluxDB could keep an episode open.
-                    if spool or pool is None or lines.ordered:
+                    if spool or pool is None or serial is None:  # one at a time
                         if not settle(0):
                             return
                         done: Future[WriteResult] = Future()
                         done.set_result(self._write_or_spool(lines))
-                        inflight.append((done, msgs))
+                        inflight.append(([done], msgs))
                     else:
-                        inflight.append((pool.submit(self._write_or_spool, lines), msgs))
+                        # Telemetry in parallel; episode and gap updates in order, or
+                        # an episode's closing write could land before its opening.
+                        plain, ordered = lines.parts()
+                        futures = [pool.submit(self._write_or_spool, plain)]
+                        if ordered:
+                            futures.append(serial.submit(self._write_or_spool, ordered))
+                        inflight.append((futures, msgs))
                     if not settle(concurrency - 1):
                         return
                 if self._spooled.is_set():
@@ -434,8 +439,9 @@ class IngestService:
                         next_drain = time.monotonic() + delay * random.uniform(0.8, 1.2)
                         delay = min(delay * 2, retry_max)
         finally:
-            if pool is not None:
-                pool.shutdown(wait=False, cancel_futures=True)
+            for executor in (pool, serial):
+                if executor is not None:
+                    executor.shutdown(wait=False, cancel_futures=True)
 
     def _write_or_spool(self, lines: LineBatch) -> WriteResult:
         """Write a batch; spool it after ``spool.after`` seconds of failure (at once when

@@ -218,8 +218,10 @@ def test_line_batch() -> None:
     other = LineBatch(["e 5"])
     batch.merge(other)
     assert len(batch) == 5 and bool(batch) and not LineBatch()
-    assert batch.body() == b"a 1\nb 2\nc 3\nd 4\ne 5\n"
-    assert list(batch) == ["a 1", "b 2", "c 3", "d 4", "e 5"]
+    # Encoded bodies first, then the lines added as text (the ordered part), each in
+    # the order they came.
+    assert batch.body() == b"c 3\nd 4\na 1\nb 2\ne 5\n"
+    assert list(batch) == ["c 3", "d 4", "a 1", "b 2", "e 5"]
     first, second = batch.halves()
-    assert list(first) == ["a 1", "b 2"] and list(second) == ["c 3", "d 4", "e 5"]
+    assert list(first) == ["c 3", "d 4"] and list(second) == ["a 1", "b 2", "e 5"]
     assert LineBatch().body() == b"" and list(LineBatch()) == []

@@ -142,34 +142,39 @@ def test_a_refused_line_is_dead_lettered_and_the_rest_acked_in_order() -> None:
     writer.join(5)
 
 
-def test_a_batch_that_updates_earlier_points_is_written_alone_and_in_order() -> None:
-    """An episode's closing write must not overtake its opening one, nor be overtaken."""
+def test_lines_that_update_earlier_points_are_written_in_order() -> None:
+    """An episode's closing write must not overtake its opening one; telemetry may."""
     sink = GatedSink()
     svc, acked, writer = start(2, sink)
-    first, msgs0 = batch(0)
-    ordered, msgs1 = batch(1)
-    ordered.ordered = True  # as LineBatch.extend marks event lines
-    svc._write_queue.put((first, msgs0))
-    svc._write_queue.put((ordered, msgs1))
-    svc._write_queue.put(batch(2))
-    assert wait(lambda: sink.started == [0])
+    for n in (0, 1):
+        lines, msgs = batch(n)
+        lines.extend([f"b{100 + n} status=1 {n}"])  # as event lines come
+        svc._write_queue.put((lines, msgs))
+    # Both telemetry parts and the first ordered part are in flight; the second
+    # ordered part waits for the first.
+    assert wait(lambda: sorted(sink.started) == [0, 1, 100]), sink.started
     time.sleep(0.2)
-    assert sink.started == [0]  # the ordered batch waits for the one in flight
-    sink.gate(0).set()
-    assert wait(lambda: sink.started == [0, 1])
+    assert 101 not in sink.started
+    for n in (0, 1):
+        sink.gate(n).set()
     time.sleep(0.2)
-    assert sink.started == [0, 1]  # and the next one waits for it
-    sink.gate(1).set()
-    sink.gate(2).set()
-    assert wait(lambda: acked == [0, 1, 2]), acked
-    assert sink.written == [0, 1, 2]
+    assert acked == [] and 101 not in sink.started
+    sink.gate(100).set()
+    assert wait(lambda: 101 in sink.started)
+    assert wait(lambda: acked == [0])
+    sink.gate(101).set()
+    assert wait(lambda: acked == [0, 1]), acked
+    assert sink.written.index(100) < sink.written.index(101)
     svc._write_queue.put(None)
     writer.join(5)
 
 
-def test_line_batch_marks_text_lines_as_ordered() -> None:
+def test_line_batch_keeps_ordered_lines_apart() -> None:
     body = LineBatch()
     body.add_body(b"telemetry value=1 1\n", 1)
     assert not body.ordered  # points of their own: any order
     body.merge(LineBatch(['anomaly_events,kind=gap status="closed" 1']))
-    assert body.ordered
+    assert body.ordered and len(body) == 2
+    plain, ordered = body.parts()
+    assert list(plain) == ["telemetry value=1 1"] and not plain.ordered
+    assert list(ordered) == ['anomaly_events,kind=gap status="closed" 1'] and ordered.ordered

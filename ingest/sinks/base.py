@@ -8,27 +8,31 @@ from typing import Protocol
 
 class LineBatch:
     """The line protocol of one write, kept encoded: whole lines, each ending in a
-    newline, in one or more chunks. The processing path adds a whole batch's body
-    at once (:meth:`add_body`); iterating gives the lines as text, for the rare
-    paths that need single lines (a refused line, the spool, tests)."""
+    newline, in chunks. The processing path adds a whole batch's telemetry body at
+    once (:meth:`add_body`); iterating gives the lines as text, for the rare paths
+    that need single lines (a refused line, the spool, tests).
 
-    __slots__ = ("_chunks", "_count", "ordered")
+    Lines added as text (:meth:`extend`: anomaly episodes, gaps, device status, the
+    service's stats) are kept apart as the *ordered* part: an episode's closing write
+    updates the point its opening write made, so such lines must reach the database
+    in the order they were made. Telemetry points are points of their own, identical
+    when redelivered, and may be written in any order (:meth:`parts`).
+    """
+
+    __slots__ = ("_chunks", "_count", "_ordered", "_ordered_count")
 
     def __init__(self, lines: Iterable[str] = ()) -> None:
         self._chunks: list[bytes] = []
         self._count = 0
-        #: Holds lines that update points written before (an anomaly episode's closing
-        #: write, a gap's end), or may: it must not overtake an earlier write, nor be
-        #: overtaken. Set by :meth:`extend`; telemetry bodies (:meth:`add_body`) are
-        #: points of their own, identical when redelivered, and may go in any order.
-        self.ordered = False
+        self._ordered: list[bytes] = []
+        self._ordered_count = 0
         self.extend(lines)
 
     def extend(self, lines: Iterable[str]) -> None:
         text = list(lines)
         if text:
-            self.add_body(("\n".join(text) + "\n").encode("utf-8"), len(text))
-            self.ordered = True
+            self._ordered.append(("\n".join(text) + "\n").encode("utf-8"))
+            self._ordered_count += len(text)
 
     def add_body(self, body: bytes, count: int) -> None:
         """Append ``count`` lines already encoded, each ending in a newline."""
@@ -39,19 +43,31 @@ class LineBatch:
     def merge(self, other: LineBatch) -> None:
         self._chunks.extend(other._chunks)
         self._count += other._count
-        self.ordered |= other.ordered
+        self._ordered.extend(other._ordered)
+        self._ordered_count += other._ordered_count
+
+    @property
+    def ordered(self) -> bool:
+        """Whether it holds lines that must be written in order."""
+        return self._ordered_count > 0
+
+    def parts(self) -> tuple[LineBatch, LineBatch]:
+        """The lines that may go in any order, and those that must go in order."""
+        plain, ordered = LineBatch(), LineBatch()
+        plain._chunks, plain._count = list(self._chunks), self._count
+        ordered._ordered, ordered._ordered_count = list(self._ordered), self._ordered_count
+        return plain, ordered
 
     def body(self) -> bytes:
         """Every line, each ending in a newline."""
-        if len(self._chunks) > 1:
-            self._chunks = [b"".join(self._chunks)]
-        return self._chunks[0] if self._chunks else b""
+        chunks = self._chunks + self._ordered
+        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
     def __len__(self) -> int:
-        return self._count
+        return self._count + self._ordered_count
 
     def __bool__(self) -> bool:
-        return self._count > 0
+        return len(self) > 0
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.body().decode("utf-8").split("\n")[:-1])
