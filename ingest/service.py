@@ -215,7 +215,7 @@ class IngestService:
                 if pending_msgs:
                     wait = max(0.0, first_pending + flush_interval - time.monotonic())
                 room = max(1, batch_size - len(pending_lines))
-                take = min(s.service.max_batch_messages, int(room / max(per_message, 1.0)))
+                take = min(s.service.max_batch_messages, max(1, int(room / max(per_message, 1.0))))
                 msgs = self.source.get_batch(take, min(wait, 0.5), s.service.batch_linger)
                 if msgs:
                     if not pending_msgs and not pending_lines:
