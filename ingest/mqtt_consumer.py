@@ -150,7 +150,8 @@ class MqttSource:
             log.warning("disconnected from %s: %s; reconnecting", self.url.redacted(), reason)
 
     def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
-        if msg.topic.startswith(self._rejected_prefix):
+        topic = msg.topic  # paho decodes it on every access
+        if topic.startswith(self._rejected_prefix):
             # Our own dead letters (MQTT 3.1.1 has no "no local"): not telemetry.
             if msg.qos:
                 client.ack(msg.mid, msg.qos)
@@ -158,7 +159,7 @@ class MqttSource:
         now = time.time()
         self.last_message_at = now
         self.renewals = 0
-        item = Received(msg.topic, bytes(msg.payload), now, msg.mid, msg.qos, self.generation)
+        item = Received(topic, bytes(msg.payload), now, msg.mid, msg.qos, self.generation)
         size = len(item.payload) + len(item.topic)
         with self._cond:
             # Hold paho's network thread (and so the socket: TCP pushes back on the broker)
