@@ -17,6 +17,7 @@ from ingest.config import load_settings
 from ingest.mqtt_consumer import Received
 from ingest.service import IngestService
 from ingest.sinks.base import LineBatch, WriteError
+from tests.integration.conftest import wait_for
 
 
 class GatedSink:
@@ -80,13 +81,8 @@ def batch(n: int) -> tuple[LineBatch, list[Received]]:
     return lines, [Received("t", b"", 0.0, n, 1, 0)]
 
 
-def wait(cond: Callable[[], bool], timeout: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(0.01)
-    return False
+def wait(cond: Callable[[], bool]) -> bool:
+    return wait_for(cond, 5.0, interval=0.01)
 
 
 @pytest.mark.parametrize("concurrency", [2, 3])
